@@ -1,0 +1,208 @@
+"""PSA configuration: one frozen, validated dataclass holding every knob of PSA_SPEC, plus named presets.
+
+Example:
+    >>> from psa_vlm import PSAConfig
+    >>> cfg = PSAConfig.preset("paper")
+    >>> cfg.block_q, cfg.thresholds
+    (128, (0.7, 0.8, 0.9, 0.9))
+    >>> PSAConfig.preset("quota-0.2").target_density()
+    0.2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+__all__ = ["PSAConfig", "PRESETS", "ALL_FACTORS"]
+
+#: Every pooling factor PSA knows, full resolution first.
+ALL_FACTORS: Tuple[int, ...] = (1, 2, 4, 8)
+
+_MODES = ("threshold", "quota")
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def _quota_pyramid(density: float) -> Tuple[float, float, float, float]:
+    """Quotas for factors (1, 2, 4, 8) whose FLOP-equivalent density is ``density``.
+
+    Fractions ``d * (1/2, 1/2, 1/2, 1)`` give ``d/2 + d/4 + d/8 + d/8 = d`` and cover ``2.5 * d`` of the
+    visible blocks (0.25 / 0.5 / 0.75 for density 0.1 / 0.2 / 0.3): the same cost as binary
+    block-sparse attention at density ``d``, spread over two and a half times as many blocks.
+    """
+    return (density / 2, density / 2, density / 2, density)
+
+
+@dataclass(frozen=True)
+class PSAConfig:
+    """Every knob of Pyramid Sparse Attention (PSA_SPEC sections 2-5).
+
+    Attributes:
+        block_q: Query block size ``bq`` (tokens). Multiple of ``stride``.
+        block_k: KV block size ``bk`` (tokens). Multiple of ``stride`` and of the largest pooling factor.
+        pool_factors: Pooling factors allowed besides full resolution, a subset of ``(2, 4, 8)``.
+            ``()`` gives binary keep/drop block-sparse attention.
+        mode: ``"threshold"`` (cumulative-mass rule, PSA_SPEC step 4) or ``"quota"`` (fixed fractions by rank).
+        thresholds: ``(tau_1, tau_2, tau_4, tau_8)`` for factors (1, 2, 4, 8), non-decreasing in (0, 1].
+            Only the entries of enabled factors are used; the tuple always has four entries.
+        quotas: Fractions of the causally visible KV blocks of a row at factors (1, 2, 4, 8) (quota mode),
+            each in [0, 1], summing to at most 1. Forced full-resolution blocks count against the factor-1 quota.
+        stride: Antidiagonal stride ``s`` of the importance estimator.
+        sim_thresholds: Similarity-cap thresholds for factors (2, 4, 8), or ``None`` to disable the cap.
+        min_seq_len: Prefills with fewer query tokens than this run dense attention.
+        text_tail: Without token types, the last ``text_tail`` tokens count as text.
+        sink_blocks: Number of leading KV blocks always kept at full resolution (attention sink).
+        dense: If true every causally visible block is full resolution (the ``"dense"`` preset): exact
+            causal attention with no estimation.
+    """
+
+    block_q: int = 128
+    block_k: int = 128
+    pool_factors: Tuple[int, ...] = (2, 4, 8)
+    mode: str = "threshold"
+    thresholds: Tuple[float, float, float, float] = (0.70, 0.80, 0.90, 0.90)
+    quotas: Optional[Tuple[float, float, float, float]] = None
+    stride: int = 8
+    sim_thresholds: Optional[Tuple[float, float, float]] = (0.75, 0.70, 0.70)
+    min_seq_len: int = 4096
+    text_tail: int = 512
+    sink_blocks: int = 1
+    dense: bool = False
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        # Normalise sequences to tuples so that configs built from lists (CLI, YAML) hash and compare.
+        for name in ("pool_factors", "thresholds", "quotas", "sim_thresholds"):
+            val = getattr(self, name)
+            if val is not None and not isinstance(val, tuple):
+                try:
+                    object.__setattr__(self, name, tuple(val))
+                except TypeError:
+                    raise ValueError(f"PSAConfig.{name} must be a sequence, got {val!r}") from None
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive_int(name: str) -> int:
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"PSAConfig.{name} must be a positive int, got {val!r}")
+            return val
+
+        for name in ("block_q", "block_k", "stride", "sink_blocks", "min_seq_len"):
+            if name == "sink_blocks":
+                val = self.sink_blocks
+                if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                    raise ValueError(f"PSAConfig.sink_blocks must be an int >= 0, got {val!r}")
+                continue
+            if name == "min_seq_len":
+                val = self.min_seq_len
+                if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                    raise ValueError(f"PSAConfig.min_seq_len must be an int >= 0, got {val!r}")
+                continue
+            positive_int(name)
+        if isinstance(self.text_tail, bool) or not isinstance(self.text_tail, int) or self.text_tail < 0:
+            raise ValueError(f"PSAConfig.text_tail must be an int >= 0, got {self.text_tail!r}")
+        if self.block_q % self.stride or self.block_k % self.stride:
+            raise ValueError(
+                f"PSAConfig.stride={self.stride} must divide block_q={self.block_q} and block_k={self.block_k}"
+            )
+        if any(f not in (2, 4, 8) for f in self.pool_factors) or len(set(self.pool_factors)) != len(
+            self.pool_factors
+        ):
+            raise ValueError(f"PSAConfig.pool_factors must be distinct values from (2, 4, 8), got {self.pool_factors!r}")
+        if tuple(sorted(self.pool_factors)) != self.pool_factors:
+            object.__setattr__(self, "pool_factors", tuple(sorted(self.pool_factors)))
+        if self.pool_factors and self.block_k % max(self.pool_factors):
+            raise ValueError(
+                f"PSAConfig.block_k={self.block_k} must be a multiple of the largest pool factor {max(self.pool_factors)}"
+            )
+        if self.mode not in _MODES:
+            raise ValueError(f"PSAConfig.mode must be one of {_MODES}, got {self.mode!r}")
+        if len(self.thresholds) != 4 or not all(isinstance(t, (int, float)) for t in self.thresholds):
+            raise ValueError(
+                f"PSAConfig.thresholds must be 4 numbers for factors (1, 2, 4, 8), got {self.thresholds!r}"
+            )
+        if any(not (0.0 < t <= 1.0) or math.isnan(t) for t in self.thresholds):
+            raise ValueError(f"PSAConfig.thresholds must lie in (0, 1], got {self.thresholds!r}")
+        if any(a > b for a, b in zip(self.thresholds, self.thresholds[1:])):
+            raise ValueError(f"PSAConfig.thresholds must be non-decreasing, got {self.thresholds!r}")
+        if self.mode == "quota":
+            if self.quotas is None:
+                raise ValueError("PSAConfig.quotas must be set (4 fractions for factors 1, 2, 4, 8) in quota mode")
+        if self.quotas is not None:
+            if len(self.quotas) != 4 or not all(isinstance(t, (int, float)) for t in self.quotas):
+                raise ValueError(f"PSAConfig.quotas must be 4 numbers for factors (1, 2, 4, 8), got {self.quotas!r}")
+            if any(not (0.0 <= t <= 1.0) or math.isnan(t) for t in self.quotas) or sum(self.quotas) > 1.0 + 1e-9:
+                raise ValueError(f"PSAConfig.quotas must lie in [0, 1] and sum to at most 1, got {self.quotas!r}")
+            for f, qv in zip(ALL_FACTORS[1:], self.quotas[1:]):
+                if qv > 0 and f not in self.pool_factors:
+                    raise ValueError(
+                        f"PSAConfig.quotas gives factor {f} a share {qv} but {f} is not in pool_factors={self.pool_factors}"
+                    )
+        if self.sim_thresholds is not None:
+            if len(self.sim_thresholds) != 3 or not all(isinstance(t, (int, float)) for t in self.sim_thresholds):
+                raise ValueError(
+                    f"PSAConfig.sim_thresholds must be 3 numbers for factors (2, 4, 8) or None, got {self.sim_thresholds!r}"
+                )
+            if any(not (-1.0 <= t <= 1.0) or math.isnan(t) for t in self.sim_thresholds):
+                raise ValueError(f"PSAConfig.sim_thresholds must lie in [-1, 1], got {self.sim_thresholds!r}")
+        if not isinstance(self.dense, bool):
+            raise ValueError(f"PSAConfig.dense must be a bool, got {self.dense!r}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def factors(self) -> Tuple[int, ...]:
+        """All factors a block can get, full resolution included: ``(1,) + pool_factors``."""
+        return (1,) + tuple(self.pool_factors)
+
+    def replace(self, **changes) -> "PSAConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def target_density(self) -> Optional[float]:
+        """FLOP-equivalent density the quotas aim at (quota mode), ``1.0`` for dense, else ``None``."""
+        if self.dense:
+            return 1.0
+        if self.mode != "quota" or self.quotas is None:
+            return None
+        return round(sum(q / f for q, f in zip(self.quotas, ALL_FACTORS)), 10)
+
+    @staticmethod
+    def preset_names() -> Tuple[str, ...]:
+        return tuple(PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PSAConfig":
+        """A named preset, optionally with fields overridden.
+
+        Presets: ``paper`` (PSA_SPEC section 5), ``dense`` (every visible block full: exact causal attention),
+        ``binary`` (keep/drop, same estimator and threshold rule, ``tau = 0.9``: keeps the blocks PSA keeps,
+        all at full resolution), ``quota-0.1/0.2/0.3`` (pyramid levels at FLOP-equivalent density 0.1/0.2/0.3)
+        and ``binary-0.1/0.2/0.3`` (keep/drop at the same densities).
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown PSA preset {name!r}; choose one of {', '.join(PRESETS)}")
+        base = PRESETS[name]
+        return base.replace(**overrides) if overrides else base
+
+
+def _build_presets() -> dict:
+    presets = {
+        "paper": PSAConfig(),
+        "dense": PSAConfig(dense=True, sim_thresholds=None),
+        "binary": PSAConfig(pool_factors=(), thresholds=(0.90, 0.90, 0.90, 0.90), sim_thresholds=None),
+    }
+    for d in (0.1, 0.2, 0.3):
+        # Quota presets exist to compare methods at a fixed cost: the similarity cap (which only raises
+        # density) is off so that the measured density stays at the target.
+        presets[f"quota-{d}"] = PSAConfig(mode="quota", quotas=_quota_pyramid(d), sim_thresholds=None)
+        presets[f"binary-{d}"] = PSAConfig(
+            mode="quota", pool_factors=(), quotas=(d, 0.0, 0.0, 0.0), sim_thresholds=None
+        )
+    return presets
+
+
+#: Named presets (``PSAConfig.preset(name)``).
+PRESETS = _build_presets()
