@@ -1,0 +1,79 @@
+"""Synthetic video-like attention inputs: tokens of a frame vary smoothly in space, frames drift slowly in time.
+
+Real video tokens are redundant: neighbouring patches look alike and consecutive frames change little, so
+attention concentrates on a few frames and pooled keys summarise the rest well. Uniform random q/k have none
+of that structure (every block is equally important, nothing pools well); these tensors have it, so they show
+PSA's behaviour on the inputs it is built for.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["video_like_qkv"]
+
+
+def video_like_qkv(
+    B: int,
+    Hq: int,
+    Hkv: int,
+    L: int,
+    D: int,
+    *,
+    tokens_per_frame: int = 256,
+    text_tokens: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: Optional[int] = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values ``[B, H, L, D]`` shaped like a long video followed by a text question.
+
+    Args:
+        B, Hq, Hkv, L, D: Shapes (``Hq % Hkv == 0``).
+        tokens_per_frame: Visual tokens per frame (a 16x16 patch grid by default).
+        text_tokens: Trailing text tokens (the question), unstructured.
+        dtype, device: Output dtype and device (generation runs in float32).
+        seed: Generator seed (``None``: nondeterministic).
+
+    Returns:
+        ``(q, k, v)`` with ``q`` ``[B, Hq, L, D]`` and ``k``, ``v`` ``[B, Hkv, L, D]``.
+    """
+    g = torch.Generator(device="cpu")
+    if seed is not None:
+        g.manual_seed(seed)
+    else:
+        g.seed()
+    E = 64  # latent feature width
+    n_vis = max(L - text_tokens, 0)
+    n_frames = -(-n_vis // tokens_per_frame) if n_vis else 0
+    side = max(1, int(tokens_per_frame**0.5))
+    # smooth spatial field: low-frequency random Fourier features over the patch grid
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(-(-tokens_per_frame // side)), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1)[:tokens_per_frame].float() / side
+    freqs = torch.randn(2, E, generator=g) * 3.0
+    phase = torch.rand(E, generator=g) * 6.283
+    spatial = torch.cos(pos @ freqs + phase)  # [tokens_per_frame, E]
+    # slow temporal drift with occasional scene cuts
+    steps = torch.randn(max(n_frames, 1), E, generator=g) * 0.15
+    cuts = torch.rand(max(n_frames, 1), generator=g) < 0.05
+    steps[cuts] = torch.randn(int(cuts.sum()), E, generator=g) * 2.0
+    temporal = torch.cumsum(steps, 0)
+    feats = []
+    if n_vis:
+        frames = spatial[None] + temporal[:, None, :]  # [T, P, E]
+        feats.append(frames.reshape(-1, E)[:n_vis])
+    feats.append(torch.randn(L - n_vis, E, generator=g) * 1.5)
+    x = torch.cat(feats)  # [L, E]
+    x = x + 0.1 * torch.randn(L, E, generator=g)
+    x = x[None].expand(B, L, E) + 0.05 * torch.randn(B, L, E, generator=g)
+
+    def proj(H: int, gain: float) -> torch.Tensor:
+        w = torch.randn(H, E, D, generator=g) * (gain / E**0.5)
+        return torch.einsum("ble,hed->bhld", x, w)
+
+    q = proj(Hq, 2.0)
+    k = proj(Hkv, 2.0)
+    v = proj(Hkv, 1.0)
+    return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
