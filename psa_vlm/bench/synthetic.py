@@ -69,11 +69,10 @@ def video_like_qkv(
     x = x + 0.1 * torch.randn(L, E, generator=g)
     x = x[None].expand(B, L, E) + 0.05 * torch.randn(B, L, E, generator=g)
 
-    def proj(H: int, gain: float) -> torch.Tensor:
-        w = torch.randn(H, E, D, generator=g) * (gain / E**0.5)
-        return torch.einsum("ble,hed->bhld", x, w)
+    x = x.to(device)
 
-    q = proj(Hq, 2.0)
-    k = proj(Hkv, 2.0)
-    v = proj(Hkv, 1.0)
-    return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
+    def proj(H: int, gain: float) -> torch.Tensor:
+        w = (torch.randn(H, E, D, generator=g) * (gain / E**0.5)).to(device)
+        return torch.einsum("ble,hed->bhld", x, w).to(dtype)
+
+    return proj(Hq, 2.0), proj(Hkv, 2.0), proj(Hkv, 1.0)

@@ -1,0 +1,254 @@
+"""``psa-vlm bench-attention``: one attention layer at Qwen2.5-VL-7B shapes, PSA stages against dense SDPA.
+
+For every length and preset, in one run: correctness of each Triton stage against the PyTorch reference
+(pool, estimate, assign on the same inputs; attention on sampled query blocks), then CUDA-event medians of
+dense SDPA (GQA), of each stage (pool, estimate, assign, attend) and of the whole ``psa_attention`` call, the
+density and level histogram, and the extra GPU memory of the call. A speed-up is printed only for a
+configuration whose checks passed in this run. Rows are appended to ``eval/results/attention.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..config import PSAConfig
+from .common import append_csv, environment, median_ms
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = [
+    "gpu", "seq_len", "preset", "density", "dense_ms", "psa_ms", "speedup",
+    "pool_ms", "estimate_ms", "assign_ms", "attend_ms", "overhead_pct_of_dense", "attend_over_ideal",
+    "full", "pool2", "pool4", "pool8", "skip", "extra_mem_mb", "kv_mb", "check", "max_rel_err",
+    "input", "heads", "kv_heads", "head_dim", "dtype", "torch", "triton", "commit",
+]
+DEFAULT_PRESETS = "quota-0.1,binary-0.1,quota-0.2,binary-0.2,quota-0.3,binary-0.3,paper,binary@paper"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-lens", default="16384,32768,65536,131072", help="comma-separated token counts")
+    p.add_argument("--presets", default=DEFAULT_PRESETS,
+                   help="comma-separated presets; 'binary@P' is keep/drop at the density P measured")
+    p.add_argument("--heads", type=int, default=28)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--input", choices=("video", "random"), default="video", help="video-like or random q/k/v")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
+    p.add_argument("--out", default="eval/results/attention.csv", help="CSV to append to ('' for none)")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness checks (no speed-ups printed)")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _dense_fn(q, k, v):
+    import torch.nn.functional as F
+
+    G = q.shape[1] // k.shape[1]
+    if hasattr(F, "scaled_dot_product_attention"):
+        try:
+            F.scaled_dot_product_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], is_causal=True, enable_gqa=True)
+            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        except (TypeError, RuntimeError):
+            pass
+    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    return lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+def _config_for(name: str, measured: Dict[str, float]) -> PSAConfig:
+    if name.startswith("binary@"):
+        base = name.split("@", 1)[1]
+        if base not in measured:
+            raise ValueError(f"{name}: run preset {base!r} earlier in --presets to match its density")
+        d = min(1.0, measured[base])
+        return PSAConfig(mode="quota", pool_factors=(), quotas=(d, 0.0, 0.0, 0.0), sim_thresholds=None)
+    return PSAConfig.preset(name)
+
+
+def check_stages(q, k, v, cfg: PSAConfig, tol: float = 1e-2) -> Dict[str, float]:
+    """Triton stages against the PyTorch reference on the same inputs; returns error measures."""
+    from ..api import _ops, block_flags
+    from ..kernels.assign import naive as nassign
+    from ..kernels.attention import naive as nattn
+    from ..kernels.estimate import naive as nest
+    from ..kernels.pool import naive as npool
+
+    t_pool, t_est, t_assign, t_attn = _ops("triton")
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    bq, bk = cfg.block_q, cfg.block_k
+    scale = 1.0 / math.sqrt(D)
+    res: Dict[str, float] = {}
+    factors = tuple(cfg.pool_factors)
+    kp, vp, cap = t_pool(k, v, block_k=bk, factors=factors, sim_thresholds=cfg.sim_thresholds)
+    rkp, rvp, rcap = npool.pyramid_pool(k, v, block_k=bk, factors=factors, sim_thresholds=cfg.sim_thresholds)
+    res["pool"] = max(_rel(kp, rkp), _rel(vp, rvp)) if kp.numel() else 0.0
+    res["cap_mismatch"] = float((cap != rcap).float().mean())
+    kv_flags, q_flags = block_flags(B, Lq, Lk, cfg, q.device)
+    if not cfg.dense:
+        s = t_est(q, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale)
+        rs = nest.block_importance(q, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale)
+        res["estimate"] = _rel(s, rs)
+    else:
+        rs = torch.zeros(B, Hq, -(-Lq // bq), -(-Lk // bk), device=q.device)
+    # assignment on identical (reference) scores and caps
+    f, kv_idx, counts = t_assign(rs, rcap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg)
+    rf, _, _ = nassign.assign_levels(rs, rcap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg)
+    res["assign_mismatch"] = float((f != rf).float().mean())
+    # attention on sampled query blocks (first, middle, last) against the reference on the same lists
+    nq = kv_idx.shape[2]
+    out = torch.full_like(q, float("nan"))
+    t_attn(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=factors, scale=scale, out=out)
+    errs = []
+    for i in sorted({0, nq // 2, nq - 1}):
+        r0, r1 = i * bq, min((i + 1) * bq, Lq)
+        kend = Lk - Lq + r1
+        ksub, vsub = k[:, :, :kend], v[:, :, :kend]
+        skp, svp, _ = npool.pyramid_pool(ksub, vsub, block_k=bk, factors=factors, sim_thresholds=None)
+        ref = nattn.sparse_attention(
+            q[:, :, r0:r1], ksub, vsub, skp, svp, kv_idx[:, :, i : i + 1], counts[:, :, i : i + 1],
+            block_q=bq, block_k=bk, factors=factors, scale=scale,
+        )
+        errs.append(_rel(out[:, :, r0:r1], ref))
+    res["attention"] = max(errs)
+    res["nan"] = float(torch.isnan(out).any())
+    res["ok"] = float(
+        res["pool"] < tol and res.get("estimate", 0.0) < tol and res["assign_mismatch"] < 1e-3
+        and res["attention"] < tol and res["nan"] == 0.0 and res["cap_mismatch"] < 1e-3
+    )
+    return res
+
+
+def bench_one(q, k, v, cfg: PSAConfig, dense_ms: float, rep: int) -> Dict[str, float]:
+    """Stage and whole-call timings (ms), density, histogram and extra memory for one configuration."""
+    from ..api import _ops, block_flags, run_psa
+
+    t_pool, t_est, t_assign, t_attn = _ops("triton")
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    bq, bk = cfg.block_q, cfg.block_k
+    scale = 1.0 / math.sqrt(D)
+    factors = tuple(cfg.pool_factors)
+    row: Dict[str, float] = {}
+    # whole call first (also compiles everything), with its memory high-water mark
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, plan = run_psa(q, k, v, cfg, backend="triton")
+    torch.cuda.synchronize()
+    row["extra_mem_mb"] = (torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()) / 2**20
+    del out
+    row["psa_ms"] = median_ms(lambda: run_psa(q, k, v, cfg, backend="triton"), rep=rep)
+    lm = plan.level_map
+    row["density"] = lm.density()
+    row.update(lm.histogram())
+    kp, vp = plan.k_pooled, plan.v_pooled
+    row["pool_ms"] = median_ms(
+        lambda: t_pool(k, v, block_k=bk, factors=factors, sim_thresholds=cfg.sim_thresholds), rep=rep
+    ) if (factors and not cfg.dense) else 0.0
+    if cfg.dense:
+        row["estimate_ms"] = 0.0
+        scores = torch.zeros(B, Hq, -(-Lq // bq), -(-Lk // bk), device=q.device)
+    else:
+        row["estimate_ms"] = median_ms(
+            lambda: t_est(q, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale), rep=rep
+        )
+        scores = t_est(q, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale)
+    _, _, cap = t_pool(k, v, block_k=bk, factors=factors, sim_thresholds=cfg.sim_thresholds)
+
+    def assign():
+        kv_flags, q_flags = block_flags(B, Lq, Lk, cfg, q.device)
+        return t_assign(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg)
+
+    row["assign_ms"] = median_ms(assign, rep=rep)
+    o = torch.empty_like(q)
+    row["attend_ms"] = median_ms(
+        lambda: t_attn(q, k, v, kp, vp, plan.kv_idx, plan.counts, block_q=bq, block_k=bk, factors=factors,
+                       scale=scale, out=o),
+        rep=rep,
+    )
+    row["speedup"] = dense_ms / row["psa_ms"]
+    row["overhead_pct_of_dense"] = 100.0 * (row["pool_ms"] + row["estimate_ms"] + row["assign_ms"]) / dense_ms
+    row["attend_over_ideal"] = row["attend_ms"] / (row["density"] * dense_ms)
+    return row
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..cli import CLIError
+
+    if not torch.cuda.is_available():
+        raise CLIError("bench-attention needs a CUDA GPU (H100/H200); use `psa-vlm demo` on the CPU")
+    from .synthetic import video_like_qkv
+
+    env = environment()
+    seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
+    presets = [x for x in args.presets.split(",") if x]
+    results: List[Dict] = []
+    torch.manual_seed(0)
+    for L in seq_lens:
+        t0 = time.time()
+        if args.input == "video":
+            q, k, v = video_like_qkv(1, args.heads, args.kv_heads, L, args.head_dim, dtype=torch.bfloat16,
+                                     device="cuda", seed=L)
+        else:
+            q = torch.randn(1, args.heads, L, args.head_dim, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, args.kv_heads, L, args.head_dim, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(1, args.kv_heads, L, args.head_dim, device="cuda", dtype=torch.bfloat16)
+        dense = _dense_fn(q, k, v)
+        dense_ms = median_ms(dense, rep=args.rep)
+        kv_mb = 2 * k.numel() * k.element_size() / 2**20
+        logger.info("L=%d dense SDPA %.2f ms", L, dense_ms)
+        measured: Dict[str, float] = {}
+        for name in presets:
+            try:
+                cfg = _config_for(name, measured)
+            except ValueError as exc:
+                raise CLIError(str(exc)) from None
+            chk: Optional[Dict[str, float]] = None
+            if not args.no_check:
+                chk = check_stages(q, k, v, cfg)
+            row = bench_one(q, k, v, cfg, dense_ms, args.rep)
+            measured[name] = row["density"]
+            ok = chk is not None and chk["ok"] == 1.0
+            row.update(env)
+            row.update(
+                seq_len=L, preset=name, dense_ms=dense_ms, kv_mb=kv_mb, input=args.input, heads=args.heads,
+                kv_heads=args.kv_heads, head_dim=args.head_dim, dtype="bfloat16",
+                check=("pass" if ok else ("skipped" if chk is None else "FAIL")),
+                max_rel_err=(max(chk[x] for x in ("pool", "attention", "estimate") if x in chk) if chk else ""),
+            )
+            if not ok:
+                row["speedup"] = ""  # never print a speed-up that was not checked in this run
+            for key in list(row):
+                if isinstance(row[key], float):
+                    row[key] = round(row[key], 4)
+            results.append(row)
+            logger.info("L=%d %s: %s", L, name, {k_: row[k_] for k_ in ("density", "psa_ms", "speedup", "check")})
+            if chk is not None and not ok:
+                logger.warning("check failed for L=%d %s: %s", L, name, chk)
+        del q, k, v
+        torch.cuda.empty_cache()
+        logger.info("L=%d done in %.0f s", L, time.time() - t0)
+    if args.out:
+        append_csv(Path(args.out), results, COLUMNS)
+    print(f"\nbench-attention on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}), "
+          f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16 causal, {args.input} inputs")
+    hdr = f"{'L':>6} {'preset':<13} {'dens':>5} {'dense':>7} {'psa':>7} {'x':>5} {'pool':>5} {'est':>6} {'asg':>5} {'attn':>7} {'ovh%':>5} {'at/id':>5} {'chk':>4}"
+    print(hdr)
+    for r in results:
+        sp = f"{r['speedup']:5.2f}" if r["speedup"] != "" else "  n/a"
+        print(f"{r['seq_len']:>6} {r['preset']:<13} {r['density']:5.3f} {r['dense_ms']:7.2f} {r['psa_ms']:7.2f} {sp} "
+              f"{r['pool_ms']:5.2f} {r['estimate_ms']:6.2f} {r['assign_ms']:5.2f} {r['attend_ms']:7.2f} "
+              f"{r['overhead_pct_of_dense']:5.1f} {r['attend_over_ideal']:5.2f} {r['check']:>4}")
+    sys.stdout.flush()
+    return 0

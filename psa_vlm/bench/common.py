@@ -1,0 +1,76 @@
+"""Benchmark plumbing shared by ``bench-attention`` and ``bench-prefill``: environment facts and CSV output."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+import torch
+
+__all__ = ["environment", "append_csv", "write_markdown", "median_ms"]
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        sha = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("PSA_VLM_COMMIT", "unknown")
+
+
+def environment() -> Dict[str, str]:
+    """GPU name and library versions, recorded beside every benchmark row."""
+    import triton
+
+    try:
+        import transformers
+
+        tf = transformers.__version__
+    except ImportError:  # pragma: no cover
+        tf = "none"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": tf,
+        "commit": os.environ.get("PSA_VLM_COMMIT") or _git_commit(),
+    }
+
+
+def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """CUDA-event median of ``fn()`` in milliseconds (``triton.testing.do_bench``)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def append_csv(path: Path, rows: Iterable[Dict], columns: List[str]) -> None:
+    """Append rows with fixed columns, writing the header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in columns})
+
+
+def write_markdown(path: Path, rows: List[Dict], columns: List[str], title: str, conditions: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", conditions, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    path.write_text("\n".join(lines) + "\n")
