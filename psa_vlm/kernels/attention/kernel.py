@@ -11,17 +11,18 @@ Grid: ``(B * Hq, nq * bq / BLOCK_M)``. Axis 0 runs fastest in launch order, so t
 the last (longest list) to the first, so the heaviest programs start first.
 
 Tiles: ``BLOCK_M`` query rows (``bq`` or a power-of-two slice of it) x ``BLOCK_N`` key rows (``bk`` or a
-power-of-two slice of it) x ``BLOCK_D`` (``D`` rounded up to a power of two, masked). Each program runs three
-loops over its list:
+power-of-two slice of it) x ``BLOCK_D`` (``D`` rounded up to a power of two, masked). Each program runs two
+software-pipelined loops over its list:
 
-1. *past* full-resolution entries (the block ends before the tile's first query and is complete): no mask
-   (a per-column bias when ``key_padding_mask`` is given);
+1. *full-resolution* entries (sorted by block index): first those entirely in the past of the tile's first
+   query, unmasked (a per-column ``-inf`` where ``key_padding_mask`` says padding), then the last few (the
+   causal diagonal, an incomplete last block) under a runtime branch that applies the token-causal mask;
+   running them in the same loop rather than a loop of their own saved 8-13% (``NOTES.md``);
 2. *pooled* entries, all levels as one stream of pyramid rows ("decoupled block tiles"): a ``BLOCK_N``-row
    tile gathers ``BLOCK_N / (bk/p)`` consecutive list entries of ``bk/p`` rows each, and may cross from one
    level into the next; each column gets ``log2 p`` (``-inf`` past the end of the stream), so pooled work runs
-   on full tensor-core tiles and a row wastes at most one partial tile for all its levels together;
-3. *diagonal* full-resolution entries (the list's last few factor-1 entries, sorted by block index): the
-   token-causal, ``Lk``-bound and padding mask.
+   on full tensor-core tiles and a row wastes at most one partial tile for all its levels together. The
+   gathered list entries of the next tile are loaded one iteration ahead.
 
 Limits: ``bq`` and ``bk`` powers of two >= 16; ``D <= 256``; inputs float16, bfloat16 or float32 with the last
 dimension contiguous (copied otherwise); ``kv_idx``/``counts`` int32 as built by ``build_block_lists``. Under
@@ -58,7 +59,9 @@ def _interpreting() -> bool:
 
 # ---------------------------------------------------------------------------------------------- kernel
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, PRESCALED: tl.constexpr, UPCAST: tl.constexpr):
+def _online_softmax_step(
+    acc, m_i, l_i, s, vt, qk_scale, PRESCALED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr
+):
     """One online-softmax update with a ``[BM, BN]`` logit tile ``s`` and a ``[BN, BD]`` value tile ``vt``.
 
     ``s`` is raw ``q . k`` (``PRESCALED`` false: scaled here, fused into the exp2 argument) or already
@@ -76,10 +79,18 @@ def _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, PRESCALED: tl.constexpr
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if UPCAST:
-        acc = tl.dot(p, vt, acc)
+        acc = tl.dot(p, vt, acc, input_precision=DOT_PREC)
     else:
-        acc = tl.dot(p.to(vt.dtype), vt, acc)
+        acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _stream_entry(vr, c1, c2, c4, r2, e4, RP2: tl.constexpr, RP4: tl.constexpr, RP8: tl.constexpr):
+    """List position of the entry that holds row ``vr`` ``[BN]`` of the pooled stream (levels 2, 4, 8)."""
+    return tl.where(
+        vr < r2, c1 + vr // RP2, tl.where(vr < e4, c1 + c2 + (vr - r2) // RP4, c1 + c2 + c4 + (vr - e4) // RP8)
+    )
 
 
 @triton.jit
@@ -168,31 +179,7 @@ def _psa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # ---- 1. full-resolution blocks in the past: no causal mask
-    for it in range(0, n_past * SUB):
-        blk = tl.load(idx_base + (it // SUB) * stride_ie)
-        kpos = blk * BLOCK_KV + (it % SUB) * BLOCK_N + offs_n  # [BN] key positions
-        kpos64 = kpos.to(tl.int64)
-        k_ptrs = k_base + kpos64[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + kpos64[:, None] * stride_vn + offs_d[None, :]
-        if EVEN_D:
-            kt = tl.load(k_ptrs)  # [BN, BD]
-            vt = tl.load(v_ptrs)
-        else:
-            kt = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-            vt = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC)  # [BM, BN]
-        if HAS_PAD:
-            real = tl.load(pad_base + kpos64 * stride_pn) != 0  # [BN]
-            s = s * qk_scale + tl.where(real, 0.0, float("-inf"))[None, :]
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, True, UPCAST)
-        else:
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, False, UPCAST)
-
-    # ---- 2. pooled levels as one stream of pyramid rows (factor 2 rows, then 4, then 8)
+    # Pooled levels form one stream of pyramid rows (factor 2 rows, then 4, then 8).
     n_bad = c1 * 0  # listed entries of a factor missing from the pyramid
     r2 = c2 * RP2
     r4 = c4 * RP4
@@ -208,15 +195,46 @@ def _psa_fwd_kernel(
         r8 = r8 * 0
     e4 = r2 + r4
     n_rows = e4 + r8
-    for t in range(0, tl.cdiv(n_rows, BLOCK_N)):
+    # ---- 1. full-resolution blocks: those in the past unmasked, then the diagonal ones (the list's last
+    # factor-1 entries) with the token-causal mask, as the last iterations of the same pipelined loop
+    n_past_tiles = n_past * SUB
+    for it in tl.range(0, c1 * SUB):
+        blk = tl.load(idx_base + (it // SUB) * stride_ie)
+        kpos = blk * BLOCK_KV + (it % SUB) * BLOCK_N + offs_n  # [BN] key positions
+        kpos64 = kpos.to(tl.int64)
+        kin = kpos < Lk  # only the last block can be incomplete
+        k_ptrs = k_base + kpos64[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + kpos64[:, None] * stride_vn + offs_d[None, :]
+        if EVEN_D:
+            kt = tl.load(k_ptrs, mask=kin[:, None], other=0.0)  # [BN, BD]
+            vt = tl.load(v_ptrs, mask=kin[:, None], other=0.0)
+        else:
+            kt = tl.load(k_ptrs, mask=kin[:, None] & d_ok[None, :], other=0.0)
+            vt = tl.load(v_ptrs, mask=kin[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC)  # [BM, BN] raw logits
+        if HAS_PAD:
+            real = tl.load(pad_base + kpos64 * stride_pn, mask=kin, other=0) != 0  # [BN]
+            s = s + tl.where(real, 0.0, float("-inf"))[None, :]
+        if it >= n_past_tiles:  # diagonal / incomplete block (runtime branch, last iterations only)
+            s = tl.where((kpos[None, :] <= qpos[:, None]) & kin[None, :], s, float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, False, UPCAST, DOT_PREC)
+
+    # ---- 2. the pooled stream; each tile's list entries are loaded one iteration ahead
+    blk_nx = tl.load(
+        idx_base + _stream_entry(offs_n, c1, c2, c4, r2, e4, RP2, RP4, RP8) * stride_ie,
+        mask=offs_n < n_rows, other=0,
+    )
+    for t in tl.range(0, tl.cdiv(n_rows, BLOCK_N)):
         vr = t * BLOCK_N + offs_n  # [BN] row of the stream
         ok = vr < n_rows
         in2 = vr < r2
         in4 = vr < e4
-        lpos = tl.where(
-            in2, c1 + vr // RP2, tl.where(in4, c1 + c2 + (vr - r2) // RP4, c1 + c2 + c4 + (vr - e4) // RP8)
-        )  # [BN] list position of each row's entry
-        blk = tl.load(idx_base + lpos * stride_ie, mask=ok, other=0)
+        blk = blk_nx  # [BN] block index of each row's entry
+        lpos_nx = _stream_entry(vr + BLOCK_N, c1, c2, c4, r2, e4, RP2, RP4, RP8)
+        blk_nx = tl.load(idx_base + lpos_nx * stride_ie, mask=vr + BLOCK_N < n_rows, other=0)
         prow = tl.where(
             in2,
             off2 + blk * RP2 + vr % RP2,
@@ -238,32 +256,7 @@ def _psa_fwd_kernel(
             vt = vt.to(tl.float32)
         s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC)
         s = s * qk_scale + bias[None, :]
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, True, UPCAST)
-
-    # ---- 3. diagonal / incomplete full-resolution blocks: token-causal mask
-    for it in range(n_past * SUB, c1 * SUB):
-        blk = tl.load(idx_base + (it // SUB) * stride_ie)
-        kpos = blk * BLOCK_KV + (it % SUB) * BLOCK_N + offs_n
-        kpos64 = kpos.to(tl.int64)
-        kin = kpos < Lk
-        k_ptrs = k_base + kpos64[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + kpos64[:, None] * stride_vn + offs_d[None, :]
-        if EVEN_D:
-            kt = tl.load(k_ptrs, mask=kin[:, None], other=0.0)
-            vt = tl.load(v_ptrs, mask=kin[:, None], other=0.0)
-        else:
-            kt = tl.load(k_ptrs, mask=kin[:, None] & d_ok[None, :], other=0.0)
-            vt = tl.load(v_ptrs, mask=kin[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC)
-        keep = (kpos[None, :] <= qpos[:, None]) & kin[None, :]  # [BM, BN]
-        if HAS_PAD:
-            real = tl.load(pad_base + kpos64 * stride_pn, mask=kin, other=0) != 0
-            keep = keep & real[None, :]
-        s = tl.where(keep, s * qk_scale, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, True, UPCAST)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, True, UPCAST, DOT_PREC)
 
     # ---- epilogue: rows that saw no key give zeros; rows of a malformed list give NaN
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -290,17 +283,32 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pick_tiles(block_q: int, block_k: int, block_d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a problem; one fixed choice per shape class.
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: one fixed choice per (bq, bk, D, dtype) class.
 
-    Sequence lengths never enter the choice. Under the interpreter the tiles are the blocks themselves.
+    Sequence lengths never enter the choice. 128 x 128 tiles, 8 warps, 3 stages measured fastest for D 128
+    in bf16 on an H200 (``NOTES.md``); larger heads or float32 shrink the tiles until Q plus the K/V stages
+    fit in shared memory. Under the interpreter the tiles are the blocks themselves.
     """
     if _interpreting():
         return block_q, block_k, 4, 1
+    elem = torch.empty((), dtype=dtype).element_size()
     bm = min(block_q, 128 if block_d <= 128 else 64)
-    bn = min(block_k, 64 if block_d <= 128 else 32)
-    num_warps = 8 if bm >= 128 else 4
-    num_stages = 3 if block_d <= 128 else 2
-    return bm, bn, num_warps, num_stages
+    bn = min(block_k, 128 if block_d <= 128 else 64)
+    stages = 3
+
+    def smem(bm: int, bn: int, st: int) -> int:
+        return (bm + 2 * st * bn) * block_d * elem
+
+    while smem(bm, bn, stages) > 224 * 1024:
+        if stages > 2:
+            stages -= 1
+        elif bn > 32:
+            bn //= 2
+        elif bm > 64:
+            bm //= 2
+        else:
+            break
+    return bm, bn, (8 if bm >= 128 else 4), stages
 
 
 def _check_inputs(q, k, v, k_pooled, v_pooled, kv_idx, counts, block_q, block_k, factors, key_padding_mask, out):
@@ -386,8 +394,11 @@ def _launch(
     scale: float,
     key_padding_mask: Optional[torch.Tensor],
     tiles: Tuple[int, int, int, int],
-) -> None:
-    """Launch the kernel with explicit ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (inputs already checked)."""
+) -> object:
+    """Launch the kernel with explicit ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (inputs already checked).
+
+    Returns what the Triton launch returns (the compiled kernel).
+    """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     bm, bn, num_warps, num_stages = tiles
@@ -414,7 +425,7 @@ def _launch(
     mask_w = triton.next_power_of_2((block_q - 1) // block_k + 2)
     upcast = _interpreting()
     grid = (B * Hq, n_tiles_q)
-    _psa_fwd_kernel[grid](
+    return _psa_fwd_kernel[grid](
         q, k, v, kp, vp, kv_idx, counts, pad, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
