@@ -69,9 +69,8 @@ class LevelMap:
 
     def histogram_tensor(self) -> torch.Tensor:
         """Counts over causally valid pairs of factors (1, 2, 4, 8, 0=skip) as int64 ``[5]`` (no sync)."""
-        vis = self._visible().expand_as(self.factors)
-        f = self.factors[vis]
-        return torch.stack([(f == p).sum() for p in FACTOR_ORDER + (0,)])
+        vis = self._visible()  # [nq, nk], broadcast over [B, Hq]; no boolean indexing (that would sync)
+        return torch.stack([((self.factors == p) & vis).sum() for p in FACTOR_ORDER + (0,)])
 
     def histogram(self) -> Dict[str, float]:
         """Fraction of causally valid (head, query block, KV block) pairs at each level."""

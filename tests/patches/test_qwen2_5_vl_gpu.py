@@ -1,0 +1,171 @@
+"""GPU tier of the Qwen2.5-VL patch: a Qwen2.5-VL-7B-shaped language model, random bf16 weights, 32k tokens.
+
+Run on an H100/H200 with ``PSA_VLM_TEST_GPU=1 pytest -m gpu tests/patches/test_qwen2_5_vl_gpu.py`` (the variable
+keeps the Triton interpreter off). The text model has the 7B's attention and MLP shapes (hidden 3584, 28 query /
+4 KV heads, head_dim 128, intermediate 18944, mRoPE sections 16/24/24) but only a few decoder layers and a
+small vocabulary, so that a 32k-token prefill takes seconds. The input is video-like embeddings: frames of
+256 tokens that change slowly over time (adjacent tokens similar, as the similarity cap expects), followed by
+a text tail; without input ids the patch uses the ``text_tail`` rule for token types.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import psa_vlm
+from psa_vlm import PSAConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="set PSA_VLM_TEST_GPU=1 (no interpreter)"),
+]
+
+SEQ = 32 * 1024
+N_LAYERS = 3
+FRAME_TOKENS = 256
+
+
+def _text_config(n_layers: int = N_LAYERS):
+    from transformers import Qwen2_5_VLTextConfig
+
+    return Qwen2_5_VLTextConfig(
+        vocab_size=4096,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=n_layers,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+    )
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    from transformers import Qwen2_5_VLTextModel
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2_5_VLTextModel(_text_config()).to(torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.fixture(scope="module")
+def embeds():
+    """``[1, SEQ, 3584]`` bf16: slowly drifting video frames, then 512 text-like tokens."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n_frames = SEQ // FRAME_TOKENS
+    frame = torch.randn(1, FRAME_TOKENS, 3584, device="cuda", generator=g)
+    frames = []
+    for _ in range(n_frames):
+        frame = 0.95 * frame + 0.3 * torch.randn(1, FRAME_TOKENS, 3584, device="cuda", generator=g)
+        frames.append(frame)
+    x = torch.cat(frames, dim=1)
+    x = 0.5 * (x + torch.roll(x, 1, dims=1))  # neighbouring tokens alike (patches of one frame)
+    x[:, -512:] = torch.randn(1, 512, 3584, device="cuda", generator=g)
+    return (0.05 * x).to(torch.bfloat16)
+
+
+def _hidden(model, embeds):
+    with torch.no_grad():
+        return model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+
+
+def _logits(hidden, seed=2, vocab=4096):
+    """Logits of a fixed random LM head for the last 1024 positions (the 7B head would not fit at 32k)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    head = torch.randn(vocab, hidden.shape[-1], device="cuda", generator=g).to(hidden.dtype) * hidden.shape[-1] ** -0.5
+    return hidden[:, -1024:] @ head.T
+
+
+@pytest.fixture(scope="module")
+def reference(text_model, embeds):
+    assert not psa_vlm.is_patched(text_model)
+    return _hidden(text_model, embeds)
+
+
+def test_paper_preset_triton_32k(text_model, embeds, reference):
+    psa_vlm.patch_qwen25vl(text_model, PSAConfig.preset("paper"), backend="triton")
+    try:
+        out = _hidden(text_model, embeds)
+        torch.cuda.synchronize()
+        stats = psa_vlm.psa_stats(text_model)
+    finally:
+        psa_vlm.unpatch_qwen25vl(text_model)
+    assert out.shape == reference.shape and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert sorted(stats["layers"]) == list(range(N_LAYERS))
+    assert all(layer["lq"] == layer["lk"] == SEQ for layer in stats["layers"].values())
+    assert 0.0 < stats["density"] < 1.0, stats
+    # sparse, yet close to dense in direction (random weights: a loose sanity bound, not an accuracy claim)
+    cos = torch.nn.functional.cosine_similarity(out.float(), reference.float(), dim=-1)
+    assert cos.mean() > 0.8, float(cos.mean())
+
+
+def test_dense_preset_triton_matches_sdpa(text_model, embeds, reference):
+    psa_vlm.patch_qwen25vl(text_model, PSAConfig.preset("dense"), backend="triton")
+    try:
+        out = _hidden(text_model, embeds)
+        assert psa_vlm.psa_stats(text_model)["density"] == pytest.approx(1.0)
+    finally:
+        psa_vlm.unpatch_qwen25vl(text_model)
+    # bf16: both paths round P to bf16 before P @ V and accumulate in fp32, in different orders; relative norm
+    # of the difference of the final hidden states and logits stays at the 1e-2 level through the layers.
+    rel = (out.float() - reference.float()).norm() / reference.float().norm()
+    assert rel < 2e-2, float(rel)
+    ref_logits, logits = _logits(reference).float(), _logits(out).float()
+    rel_logits = (logits - ref_logits).norm() / ref_logits.norm()
+    assert rel_logits < 2e-2, float(rel_logits)
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.95
+
+
+def test_short_prefill_is_bit_identical(text_model, embeds, reference):
+    """Below min_seq_len (default 4096) the original sdpa function runs: identical numerics."""
+    short = embeds[:, :2048]
+    ref = _hidden(text_model, short)
+    psa_vlm.patch_qwen25vl(text_model, "paper", backend="triton")
+    try:
+        assert torch.equal(_hidden(text_model, short), ref)
+    finally:
+        psa_vlm.unpatch_qwen25vl(text_model)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_device_map_two_gpus(embeds):
+    """Layers spread over two GPUs: per-layer state (token types, masks, statistics) on each layer's device."""
+    accelerate = pytest.importorskip("accelerate")
+    from transformers import Qwen2_5_VLTextModel
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLTextModel(_text_config(n_layers=4)).to(torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    device_map = {"embed_tokens": 0, "rotary_emb": 0, "layers.0": 0, "layers.1": 0, "layers.2": 1, "layers.3": 1,
+                  "norm": 1}
+    model = accelerate.dispatch_model(model, device_map=device_map)
+    x = embeds[:, : 8 * 1024].to("cuda:0")
+    ref = _hidden(model, x)
+    psa_vlm.patch_qwen25vl(model, PSAConfig.preset("dense", min_seq_len=1024), backend="triton")
+    try:
+        out = _hidden(model, x)
+        stats = psa_vlm.psa_stats(model)
+    finally:
+        psa_vlm.unpatch_qwen25vl(model)
+    assert sorted(stats["layers"]) == [0, 1, 2, 3]
+    rel = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 2e-2, float(rel)
+    psa_vlm.patch_qwen25vl(model, PSAConfig.preset("paper", min_seq_len=1024), backend="triton")
+    try:
+        out = _hidden(model, x)
+        assert torch.isfinite(out).all()
+        assert psa_vlm.psa_stats(model)["density"] < 1.0
+    finally:
+        psa_vlm.unpatch_qwen25vl(model)
