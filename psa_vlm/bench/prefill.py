@@ -67,7 +67,7 @@ def build_model(model_dir: Optional[str], layers: Optional[int]):
 
     if model_dir:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa", device_map="cuda"
+            model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map="cuda"
         )
     else:
         cfg = _text_config(layers)
@@ -75,7 +75,7 @@ def build_model(model_dir: Optional[str], layers: Optional[int]):
         with torch.device("cuda"):
             torch.manual_seed(0)
             model = Qwen2_5_VLForConditionalGeneration._from_config(
-                cfg, torch_dtype=torch.bfloat16, attn_implementation="sdpa"
+                cfg, dtype=torch.bfloat16, attn_implementation="sdpa"
             )
     return model.eval()
 
@@ -165,9 +165,9 @@ def main(args: argparse.Namespace) -> int:
             torch.cuda.reset_peak_memory_stats()
             logits = prefill(model, embeds).float()
             peak = torch.cuda.max_memory_allocated() / 2**30
-            stats = psa_stats(model)
-            dens = [s["density"] for s in stats.values() if s.get("density") is not None]
-            d = sum(dens) / max(len(dens), 1)
+            d = psa_stats(model)["density"]
+            if d is None:
+                raise CLIError(f"{m}: PSA did not run in the prefill of {L} tokens (see the log)")
             measured[m] = d
             t = _time(lambda: prefill(model, embeds), args.reps)
             unpatch_qwen25vl(model)
