@@ -24,9 +24,12 @@ Example:
     >>> item.prompt()  # doctest: +SKIP
     'A coloured square appears briefly in the video. What colour is it?\\nA. red\\nB. ...'
 
-A dataset for lmms-eval (one jsonl line per item, video paths relative to the jsonl)::
+A dataset (one jsonl line per item, video paths relative to the jsonl)::
 
-    python -m psa_vlm.video.synth --out eval/data/psa_synth_short --n 32 --frames 16 --fps 4
+    python -m psa_vlm.video.synth --out /tmp/synth --n 32 --frames 64 --fps 8
+
+(the lmms-eval tasks in ``eval/tasks/psa_synth`` generate their own data with fixed seeds:
+``python eval/tasks/psa_synth/utils.py``).
 """
 
 from __future__ import annotations
@@ -436,6 +439,7 @@ def write_video(
                 raise ValueError("write_video got no frames")
             for packet in stream.encode():
                 container.mux(packet)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -540,6 +544,7 @@ def make_dataset(
     with os.fdopen(fd, "w") as fh:
         for rec in records:
             fh.write(json.dumps(rec) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
     os.replace(tmp, jsonl)
     return jsonl
 

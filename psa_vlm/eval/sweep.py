@@ -1,0 +1,484 @@
+"""``psa-vlm eval-sweep``: lmms-eval accuracy against measured sparsity, the same tasks across PSA presets.
+
+One model instance (``qwen2_5_vl_psa``) is loaded once and re-configured per preset; every (task, preset)
+pair is one in-process ``lmms_eval.evaluator.simple_evaluate`` call (no CLI start-up per run), with a
+``TaskManager`` that includes the repository's offline tasks (``eval/tasks``). Each finished pair is written
+to ``OUT/runs/<task>__<preset>.json`` at once, so an interrupted sweep resumes where it stopped (a result
+is reused when its model, model args and limit match; ``--redo`` runs everything again).
+
+Outputs, rebuilt from the run files after every sweep:
+
+- ``OUT/sweep.csv`` and ``OUT/sweep.md``: task, preset, family, accuracy, metric, measured sparsity and
+  density (per-sample means over the prefill), mean prefill time, mean prompt tokens, samples;
+- ``OUT/sweep.png``: accuracy against measured sparsity, one panel per task, one line per method family
+  (pyramid: ``paper`` / ``quota-*``; binary: ``binary`` / ``binary-*``), dense as a single point.
+
+Without ``--model`` the sweep runs on the tiny offline model (the shipped trained one if the package has it,
+else random weights: chance-level accuracy), with frame/pixel settings and PSA block sizes small enough for the
+CPU; see ``eval/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..config import PRESETS
+from . import PSA_MODEL_ARGS
+
+__all__ = [
+    "add_arguments",
+    "main",
+    "DEFAULT_PRESETS",
+    "TABLE_COLUMNS",
+    "family_of",
+    "run_file",
+    "summarize_run",
+    "write_tables",
+    "write_figure",
+    "default_include_path",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRESETS = "dense,paper,quota-0.2,binary-0.2"
+DEFAULT_TASKS = "psa_synth_short"
+#: Columns of ``sweep.csv`` / ``sweep.md``.
+TABLE_COLUMNS = [
+    "task", "preset", "family", "accuracy", "metric", "sparsity", "density", "prefill_s", "vision_s",
+    "prompt_tokens", "samples", "limit",
+]
+#: lmms-eval model args used with the tiny offline model unless given (small frames and PSA blocks).
+TINY_MODEL_ARGS = {
+    "max_num_frames": 16,
+    "min_pixels": 28 * 28 * 4,
+    "max_pixels": 224 * 168,
+    "block_size": 32,
+    "min_seq_len": 64,
+}
+_METRIC_PRIORITY = ("accuracy", "acc", "exact_match", "score")
+RUN_FORMAT = 2
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def default_include_path() -> Optional[Path]:
+    """``eval/tasks`` of the source checkout this package runs from (``None`` for an installed wheel)."""
+    p = Path(__file__).resolve().parents[2] / "eval" / "tasks"
+    return p if p.is_dir() else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``psa-vlm eval-sweep``."""
+    parser.add_argument("--model", default=None,
+                        help="local Qwen2.5-VL checkpoint directory (default: the tiny offline model)")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS,
+                        help=f"comma-separated lmms-eval tasks (default {DEFAULT_TASKS})")
+    parser.add_argument("--presets", default=DEFAULT_PRESETS,
+                        help=f"comma-separated PSA presets (default {DEFAULT_PRESETS}); known: {', '.join(PRESETS)}")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="documents per task (an int; a value below 1 is a fraction); default all")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default ./psa_sweep/<model name>)")
+    parser.add_argument("--model-args", default="",
+                        help="extra qwen2_5_vl_psa arguments, 'k=v,k=v' as lmms-eval's --model_args "
+                             "(e.g. 'max_num_frames=64,max_pixels=200704,min_seq_len=4096')")
+    parser.add_argument("--include-path", action="append", default=None,
+                        help="folder of extra lmms-eval task YAMLs (repeatable; default: the repo's eval/tasks)")
+    parser.add_argument("--metric", default=None, help="metric to report as accuracy (default: picked per task)")
+    parser.add_argument("--bootstrap-iters", type=int, default=0,
+                        help="lmms-eval bootstrap iterations for stderr (default 0: none)")
+    parser.add_argument("--redo", action="store_true", help="run every (task, preset) again, ignoring saved results")
+
+
+def _cli_error(msg: str) -> Exception:
+    from ..cli import CLIError
+
+    return CLIError(msg)
+
+
+def _split(value: str) -> List[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _scalar(text: str) -> Any:
+    """lmms-eval's value conversion for ``--model_args``: true/false, integers, floats, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.isnumeric():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _parse_model_args(text: str) -> Dict[str, Any]:
+    """``"k=v,k=v"`` -> dict, values converted as lmms-eval converts ``--model_args``."""
+    out: Dict[str, Any] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep, val = part.partition("=")
+        if not sep or not key.strip():
+            raise _cli_error(f"--model-args {text!r} is not 'key=value,key=value' (at {part!r})")
+        out[key.strip()] = _scalar(val.strip())
+    return out
+
+
+def _limit(value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    if value <= 0:
+        raise _cli_error(f"--limit must be positive, got {value:g}")
+    return int(value) if value >= 1 else float(value)
+
+
+# ---------------------------------------------------------------------------------------------- results
+def family_of(preset: str) -> str:
+    """``dense``, ``binary`` (keep/drop presets) or ``pyramid`` (PSA presets)."""
+    if preset == "dense":
+        return "dense"
+    if preset.startswith("binary"):
+        return "binary"
+    return "pyramid"
+
+
+def run_file(out: Path, task: str, preset: str) -> Path:
+    """Result file of one (task, preset) pair."""
+    def safe(s: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+
+    return out / "runs" / f"{safe(task)}__{safe(preset)}.json"
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _pick_metric(entry: Dict[str, Any], metric: Optional[str]) -> Tuple[Optional[str], Optional[float]]:
+    keys = [k for k in entry if "," in k and "_stderr" not in k and _numeric(entry[k])]
+    names = {k.split(",", 1)[0]: k for k in keys}
+    if metric is not None:
+        key = names.get(metric)
+        return (metric, float(entry[key])) if key else (None, None)
+    for name in _METRIC_PRIORITY:
+        if name in names:
+            return name, float(entry[names[name]])
+    if keys:
+        return keys[0].split(",", 1)[0], float(entry[keys[0]])
+    return None, None
+
+
+def _accuracy(results: Dict[str, Any], task: str, metric: Optional[str]) -> Tuple[Optional[str], Optional[float]]:
+    res = results.get("results", {})
+    name, val = _pick_metric(res.get(task, {}), metric)
+    if val is not None:
+        return name, val
+    subtasks = results.get("group_subtasks", {}).get(task) or [t for t in res if t != task]
+    vals = []
+    for sub in subtasks:
+        n, v = _pick_metric(res.get(sub, {}), metric)
+        if v is not None:
+            name, vals = n, vals + [v]
+    if vals:
+        return f"{name} (mean of {len(vals)} subtasks)", sum(vals) / len(vals)
+    return None, None
+
+
+def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
+    vals = [float(x) for x in xs if x is not None and _numeric(x)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize_run(results: Dict[str, Any], task: str, preset: str, metric: Optional[str] = None) -> Dict[str, Any]:
+    """One table row (plus per-sample records) from a ``simple_evaluate`` result of one task and preset."""
+    name, acc = _accuracy(results, task, metric)
+    samples_out = []
+    for sub, samples in (results.get("samples") or {}).items():
+        for s in samples:
+            tc = (s.get("token_counts") or [None])[0] or {}
+            samples_out.append({
+                "task": sub,
+                "doc_id": s.get("doc_id"),
+                "target": s.get("target"),
+                "response": (s.get("filtered_resps") or [None])[0],
+                "density": tc.get("psa_density"),
+                "engaged": tc.get("psa_engaged"),
+                "prefill_s": tc.get("prefill_s"),
+                "vision_s": tc.get("vision_s"),
+                "prompt_tokens": tc.get("input_tokens"),
+            })
+    density = _mean([s["density"] for s in samples_out])
+    return {
+        "task": task,
+        "preset": preset,
+        "family": family_of(preset),
+        "accuracy": acc,
+        "metric": name,
+        "density": density,
+        "sparsity": None if density is None else 1.0 - density,
+        "prefill_s": _mean([s["prefill_s"] for s in samples_out]),
+        "vision_s": _mean([s["vision_s"] for s in samples_out]),
+        "prompt_tokens": _mean([s["prompt_tokens"] for s in samples_out]),
+        "samples": len(samples_out),
+        "per_sample": samples_out,
+    }
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _fmt(v: Any, digits: int = 4) -> Any:
+    if isinstance(v, float):
+        return round(v, digits)
+    return "" if v is None else v
+
+
+def write_tables(rows: List[Dict[str, Any]], out: Path, conditions: str) -> Tuple[Path, Path]:
+    """``sweep.csv`` and ``sweep.md`` with ``TABLE_COLUMNS``."""
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / "sweep.csv", out / "sweep.md"
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _fmt(r.get(c)) for c in TABLE_COLUMNS})
+    lines = ["# PSA accuracy against measured sparsity", "", conditions, "",
+             "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(_fmt(r.get(c))) for c in TABLE_COLUMNS) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def write_figure(rows: List[Dict[str, Any]], path: Path, title: str) -> Path:
+    """Accuracy against measured sparsity: a panel per task, a line per family, dense as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    styles = {"pyramid": ("tab:blue", "o", "pyramid (PSA)"), "binary": ("tab:orange", "s", "binary block-sparse"),
+              "dense": ("black", "*", "dense")}
+    for ax, task in zip(axes[0], tasks):
+        for fam, (color, marker, label) in styles.items():
+            pts = sorted(
+                ((r["sparsity"], r["accuracy"], r["preset"]) for r in rows
+                 if r["task"] == task and r["family"] == fam and r["accuracy"] is not None
+                 and r["sparsity"] is not None),
+            )
+            if not pts:
+                continue
+            xs, ys, names = zip(*pts)
+            if fam == "dense":
+                ax.scatter(xs, ys, color=color, marker=marker, s=160, zorder=3, label=label)
+            else:
+                ax.plot(xs, ys, color=color, marker=marker, label=label)
+            for x, y, n in pts:
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_title(task)
+        ax.set_xlabel("measured sparsity (1 - FLOP-equivalent density)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(-0.05, 1.0)
+        accs = [r["accuracy"] for r in rows if r["task"] == task and r["accuracy"] is not None]
+        if accs and all(0.0 <= a <= 1.0 for a in accs):
+            ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _task_manager(include: List[str], tasks: List[str]) -> Any:
+    from lmms_eval.tasks import TaskManager
+
+    if include:
+        tm = TaskManager(include_path=include, include_defaults=False)
+        if all(t in tm.all_tasks for t in tasks):
+            return tm
+    logger.info("indexing lmms-eval's built-in tasks (about 10 s)")
+    tm = TaskManager(include_path=include or None)
+    missing = [t for t in tasks if t not in tm.all_tasks]
+    if missing:
+        raise _cli_error(f"unknown lmms-eval task(s) {', '.join(missing)}; see `python -m lmms_eval --tasks list`")
+    return tm
+
+
+def _env() -> Dict[str, str]:
+    from ..bench.common import environment
+
+    env = environment()
+    try:
+        from importlib.metadata import version
+
+        env["lmms_eval"] = version("lmms_eval")
+    except Exception:  # pragma: no cover
+        env["lmms_eval"] = "unknown"
+    return env
+
+
+def main(args: argparse.Namespace) -> int:
+    """``psa-vlm eval-sweep``: see the module docstring."""
+    import torch
+
+    from ..inference import CheckpointError, check_qwen25vl_checkpoint, tiny_checkpoint_info
+
+    tasks = _split(args.tasks)
+    presets = _split(args.presets)
+    if not tasks:
+        raise _cli_error("--tasks is empty")
+    if not presets:
+        raise _cli_error("--presets is empty")
+    bad = [p for p in presets if p not in PRESETS]
+    if bad:
+        raise _cli_error(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
+    limit = _limit(args.limit)
+    if args.model is None:
+        from ..inference import default_model_dir
+
+        model_dir = default_model_dir()
+    else:
+        try:
+            model_dir = check_qwen25vl_checkpoint(args.model)
+        except CheckpointError as exc:
+            raise _cli_error(str(exc)) from None
+    tiny_info = tiny_checkpoint_info(model_dir)
+    tiny = tiny_info is not None
+    untrained = tiny and not tiny_info.get("trained", False)
+    model_args = _parse_model_args(args.model_args)
+    if "preset" in model_args:
+        raise _cli_error("give presets with --presets, not in --model-args")
+    if model_args.get("pretrained") not in (None, str(model_dir)):
+        raise _cli_error("give the checkpoint with --model, not pretrained= in --model-args")
+    model_args.pop("pretrained", None)
+    if tiny:
+        model_args = {**TINY_MODEL_ARGS, **model_args}
+    if not torch.cuda.is_available():
+        model_args.setdefault("device", "cpu")
+        model_args.setdefault("device_map", "cpu")
+        model_args.setdefault("dtype", "float32")  # bf16 matmuls are very slow on CPUs
+    psa_overrides = {k: v for k, v in model_args.items() if k in PSA_MODEL_ARGS}
+    base_args = {k: v for k, v in model_args.items() if k not in PSA_MODEL_ARGS}
+    # validate the PSA overrides for every preset before anything slow
+    from ..inference import psa_config_from_options
+
+    for p in presets:
+        probe = {k: v for k, v in psa_overrides.items() if k not in ("backend", "psa_layers")}
+        try:
+            psa_config_from_options(p, **probe)
+        except ValueError as exc:
+            raise _cli_error(f"preset {p} with --model-args: {exc}") from None
+
+    out = args.out if args.out is not None else Path("psa_sweep") / Path(model_dir).name
+    include = [str(p) for p in (args.include_path or [])]
+    if not include and default_include_path() is not None:
+        include = [str(default_include_path())]
+    signature = {"model": str(model_dir), "model_args": {k: str(v) for k, v in sorted(model_args.items())},
+                 "limit": limit, "format": RUN_FORMAT}
+
+    pairs = [(t, p) for p in presets for t in tasks]
+    todo = []
+    for t, p in pairs:
+        f = run_file(out, t, p)
+        if f.is_file() and not args.redo:
+            try:
+                saved = json.loads(f.read_text())
+            except ValueError:
+                saved = {}
+            if saved.get("signature") == json.loads(json.dumps(signature)):
+                continue
+            logger.warning("%s was made with other settings; running it again", f)
+        todo.append((t, p))
+    logger.info("eval-sweep: %d (task, preset) runs, %d already done, %d to run; results in %s",
+                len(pairs), len(pairs) - len(todo), len(todo), out)
+    if untrained:
+        logger.warning("the model is the tiny UNTRAINED one (random weights): accuracies are chance level")
+
+    env = _env()
+    if todo:
+        from lmms_eval.evaluator import simple_evaluate
+
+        from .lmms_model import Qwen2_5_VL_PSA
+
+        tm = _task_manager(include, tasks)
+        logger.info("loading qwen2_5_vl_psa from %s", model_dir)
+        lm = Qwen2_5_VL_PSA(pretrained=str(model_dir), preset=todo[0][1], **model_args)
+        lm.keep_model_loaded = True
+        t_start = time.perf_counter()
+        done_pairs = 0
+        for i, (task, preset) in enumerate(todo, 1):
+            eta = ""
+            if done_pairs:
+                per = (time.perf_counter() - t_start) / done_pairs
+                eta = f", about {per * (len(todo) - i + 1) / 60:.1f} min left"
+            logger.info("[%d/%d] task %s, preset %s%s", i, len(todo), task, preset, eta)
+            lm.set_psa(preset, **psa_overrides)
+            t0 = time.perf_counter()
+            results = simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit,
+                                      bootstrap_iters=args.bootstrap_iters, log_samples=True,
+                                      batch_size=base_args.get("batch_size"))
+            if results is None:  # non-zero ranks of a distributed run
+                continue
+            row = summarize_run(results, task, preset, args.metric)
+            row.update(limit=limit, wall_s=time.perf_counter() - t0, signature=signature,
+                       psa_config=str(lm.psa_config), env=env,
+                       lmms_results={k: v for k, v in results.get("results", {}).items()})
+            _write_json(run_file(out, task, preset), row)
+            done_pairs += 1
+            acc = row["accuracy"]
+            logger.info("[%d/%d] %s / %s: %s %s, sparsity %s, prefill %s s (%.0f s)", i, len(todo), task, preset,
+                        row["metric"], "n/a" if acc is None else f"{acc:.4f}",
+                        "n/a" if row["sparsity"] is None else f"{row['sparsity']:.3f}",
+                        "n/a" if row["prefill_s"] is None else f"{row['prefill_s']:.4f}", row["wall_s"])
+        lm.keep_model_loaded = False
+    if int(os.environ.get("RANK", "0")) != 0:  # under a distributed launcher only rank 0 reports
+        return 0
+
+    rows = []
+    for t, p in pairs:
+        f = run_file(out, t, p)
+        if f.is_file():
+            rows.append(json.loads(f.read_text()))
+    device = model_args.get("device", "cuda")
+    margs = ",".join(f"{k}={v}" for k, v in sorted(model_args.items()))
+    conditions = (
+        f"Model `{model_dir}`{' (tiny, untrained: chance-level accuracy)' if untrained else ''}; lmms-eval "
+        f"{env['lmms_eval']} model `qwen2_5_vl_psa`, model args `{margs}`; "
+        f"limit {limit if limit is not None else 'none'}; device {device} ({env['gpu']}); torch {env['torch']}, "
+        f"transformers {env['transformers']}, commit {env['commit']}. Sparsity and prefill time are per-sample "
+        "means measured in the prefill (sparsity = 1 - FLOP-equivalent density, 0 for dense)."
+    )
+    csv_path, md_path = write_tables(rows, out, conditions)
+    png = write_figure(rows, out / "sweep.png", f"{Path(model_dir).name}: accuracy vs measured sparsity")
+    print(f"eval-sweep: {len(rows)} runs in {out}")
+    w = max([len(r["task"]) for r in rows] + [4])
+    print(f"{'task':<{w}}  {'preset':<11} {'family':<8} {'accuracy':>9} {'sparsity':>8} {'prefill s':>9} {'n':>4}")
+    for r in rows:
+        acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        sp = "n/a" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
+        pf = "n/a" if r["prefill_s"] is None else f"{r['prefill_s']:.4f}"
+        print(f"{r['task']:<{w}}  {r['preset']:<11} {r['family']:<8} {acc:>9} {sp:>8} {pf:>9} {r['samples']:>4}")
+    print(f"table: {csv_path}, {md_path}\nfigure: {png}")
+    return 0
