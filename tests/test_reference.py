@@ -105,6 +105,12 @@ def test_reference_equals_explicit_construction_on_random_maps(B, Hq, Hkv, Lq, L
     nq, nk = cdiv(Lq, bq), cdiv(Lk, bk)
     choices = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
     factors = choices[torch.randint(0, 5, (B, Hq, nq, nk))]
+    # make sure every pooled level lands on a poolable pair at least once (random draws can miss one)
+    _, poolable = block_masks(Lq, Lk, bq, bk)
+    pi, pj = poolable.nonzero(as_tuple=True)
+    assert len(pi) >= 3, "shape must leave room for three poolable pairs"
+    for n, p in enumerate((2, 4, 8)):
+        factors[0, 0, pi[n], pj[n]] = p
     cfg = PSAConfig.preset("paper", block_q=bq, block_k=bk, stride=4)
     out = psa_attention(q, k, v, cfg, level_map=factors, backend="reference")
     assert rel(out, explicit_psa(q, k, v, factors, bq, bk)) < 1e-5
