@@ -1,0 +1,480 @@
+"""Triton antidiagonal block importance (PSA_SPEC step 3): same contract as ``naive.block_importance``.
+
+What it computes: XAttention's estimator. Reduced query row ``r`` (query rows ``[r*s, r*s+s)``) and reduced key
+``c`` (keys ``[c*s, c*s+s)``, both zero-padded at the end) have the logit
+``l[r, c] = scale / s * sum_t q[r*s+s-1-t] . k[c*s+t]``; ``c`` is visible to ``r`` when
+``c*s <= Lk - Lq + min(r*s+s-1, Lq-1)``; each reduced row is soft-maxed over its visible keys and the
+probabilities are summed per (query block, KV block). Output float32 ``[B, Hq, nq, nk]``, 0 where invisible.
+
+Work items: the (query block, query head) *pairs* of one (batch, KV head), ordered query-block-major, in
+groups of ``PP = ROWS // (bq/s)`` consecutive pairs (``ROWS`` = 128 on the GPU: 8 pairs x 16 reduced rows
+for bq 128, s 8). An item stacks its pairs' reduced rows (``PP * bq/s``, padded to a power of two ``BM``) as
+the M dimension: every key tile it loads serves up to ``PP`` query heads of the KV group (no ``repeat_kv``),
+and with Qwen2.5-VL's 7 heads per KV head no MMA row is wasted (stacking one query block's 7 heads would
+fill 112 of 128 rows). A group may straddle two query blocks; each row carries its own causal limit.
+
+Grid: persistent, ``min(2 * SMs, max(SMs, _SCRATCH_BYTES / (BM * nk * 4)))`` programs; program ``p`` takes
+items in snake order (round ``r``: item ``r*P + p`` or ``r*P + P-1-p``) over items sorted heaviest first,
+so all programs get the same work. Each program owns a float32 scratch slot ``[BM, nk]``, so scratch is
+bounded by the grid, not by the sequence length.
+
+Two passes per item, no ``[Rq, Rk]`` score matrix:
+
+1. Over the key tiles up to the item's causal limit (tiles wholly in the future are never visited), each
+   tile of ``BN`` reduced keys (``BN / KPB_P2`` whole KV blocks) is ``sum_t Q_t @ K_t^T`` (``s`` steps of
+   D-wide dots, ``Q_t`` = the rows at offset ``s-1-t``, ``K_t`` = the tile's keys at offset ``t``; D split in
+   ``BKD`` chunks). From the tile's logits (log2 domain; the causal mask only on tiles that reach past some
+   row's limit) the per (row, KV block) log-sum-exp relative to the running row maximum goes to the scratch
+   while the running row maximum and sum are carried along (online softmax).
+2. With the final row log-sum-exp ``LSE_r``: ``S[i, j] = sum_r 2^(lse_rj - LSE_r)`` summed over each pair's
+   rows, read back from the scratch in ``[BM, NJ]`` tiles; every ``j`` of the row is written (0 if invisible).
+
+Tiles (GPU default, chosen on an H200, see ``NOTES_stages.md``): ``BM`` 128 x ``BN`` 256 reduced keys x
+``BKD`` 64, 8 warps, 3 stages (wgmma, cp.async pipeline, one CTA per SM). ``KPB = bk/s`` reduced keys per
+KV block occupy ``KPB_P2 = next_pow2(KPB)`` tile columns (padding columns masked).
+
+Cost: ``Lq * Lk * Hq * D / s`` FLOPs for causal inputs (``1/(2s)`` of dense causal attention's). Every key
+tile re-reads the item's Q slice (``BM * s * D`` elements) from L2: ``(BM + BN) * s * D * 2`` bytes per
+``2 * BM * BN * s * D`` FLOPs (85 FLOP/B). Measured on an H200: ~345 TFLOP/s, 10.9% of dense SDPA time at 64k;
+latency-bound (Nsight Compute: L2 36%, SM 40% of peak, L2 hit rate 64%; one CTA per SM), see
+``NOTES_stages.md``.
+
+Limits: ``bq``, ``bk`` multiples of ``s``; float16, bfloat16, float32 inputs (float32 dots in IEEE precision);
+any strides (copied only if the last dimension is not contiguous). Under ``TRITON_INTERPRET=1`` bfloat16
+tiles are upcast to float32 after loading (the interpreter's bfloat16 arithmetic is wrong).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..geometry import cdiv
+
+__all__ = ["block_importance"]
+
+logger = logging.getLogger(__name__)
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Scratch budget (float32 block log-sum-exps, ``[BM, nk]`` per program); the grid shrinks to fit, but never
+#: below one program per SM.
+_SCRATCH_BYTES = 64 << 20
+#: Tile/launch overrides (``ROWS``, ``BN``, ``BKD``, ``NJ``, ``FLAT``, ``PROGRAMS``, ``num_warps``, ``num_stages``)
+#: for benchmarks and tests; empty by default.
+_OVERRIDES: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _qk_step(
+    acc,  # [BM, BN] float32
+    q_ptr,
+    k_ptr,
+    q_rows,  # [BM] int64: row offsets (batch/head/row at t = 0) of the stacked reduced rows
+    q_row0,  # [BM] int32: query row of offset s-1 (t = 0)
+    q_ok,  # [BM] bool
+    k_rows,  # [BN] int32: key row of offset 0 of each tile column
+    k_ok,  # [BN] bool
+    k_base,  # scalar int64
+    stride_ql,
+    stride_kl,
+    u,  # step: t = u // ND, D chunk = u % ND
+    Lq,
+    Lk,
+    D,
+    S: tl.constexpr,
+    BKD: tl.constexpr,
+    ND: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    t = u // ND
+    offs_d = (u % ND) * BKD + tl.arange(0, BKD)
+    qr = q_row0 - t  # [BM]
+    kr = k_rows + t  # [BN]
+    qm = q_ok & (qr < Lq)
+    km = k_ok & (kr < Lk)
+    if EVEN_D:
+        qmask = qm[:, None]
+        kmask = km[:, None]
+    else:
+        qmask = qm[:, None] & (offs_d < D)[None, :]
+        kmask = km[:, None] & (offs_d < D)[None, :]
+    qt = tl.load(q_ptr + q_rows[:, None] + qr.to(tl.int64)[:, None] * stride_ql + offs_d[None, :], mask=qmask,
+                 other=0.0)
+    kt = tl.load(k_ptr + k_base + kr.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=kmask, other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+        kt = kt.to(tl.float32)
+    return tl.dot(qt, tl.trans(kt), acc, input_precision=DOT_PREC)  # [BM, BN]
+
+
+@triton.jit
+def _tile_lse(
+    acc,  # [BM, BN] float32 raw logits of the tile
+    m_i,  # [BM] running max (log2 domain)
+    l_i,  # [BM] running sum
+    scr_rows,  # [BM] pointers to the program's scratch rows
+    row_ok,  # [BM] bool
+    last_m,  # [BM] int32: last visible key position of each reduced row
+    min_last,  # scalar: smallest last_m over the valid rows
+    col_c,  # [BN] int32: tile-relative reduced key of each column
+    col_ok,  # [BN] bool: column maps to a key group of its block (KPB_P2 padding excluded)
+    jt,  # tile index
+    nk,
+    qk_scale,
+    S: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    KPB: tl.constexpr,
+    KPB_P2: tl.constexpr,
+):
+    NBT: tl.constexpr = BN // KPB_P2
+    x = acc * qk_scale
+    # only tiles reaching past some row's causal limit (or with KPB padding columns) need the mask
+    if (KPB != KPB_P2) | ((jt + 1) * (NBT * KPB * S) - S > min_last):
+        c = jt * (NBT * KPB) + col_c  # [BN] reduced key index
+        vis = ((c * S)[None, :] <= last_m[:, None]) & col_ok[None, :]
+        x = tl.where(vis, x, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(x, axis=1))
+    p = tl.exp2(x - m_new[:, None])  # [BM, BN]
+    bs = tl.sum(tl.reshape(p, [BM, NBT, KPB_P2]), axis=2)  # [BM, NBT] per-KV-block sums
+    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(bs, axis=1)
+    lse = tl.where(bs > 0.0, m_new[:, None] + tl.log2(tl.maximum(bs, 1e-38)), float("-inf"))
+    jj = jt * NBT + tl.arange(0, NBT)
+    tl.store(scr_rows[:, None] + jj[None, :], lse, mask=row_ok[:, None] & (jj < nk)[None, :])
+    return m_new, l_i
+
+
+@triton.jit
+def _estimate_item(
+    q_ptr,
+    k_ptr,
+    out_ptr,
+    scr_rows,  # [BM] pointers: this program's scratch rows
+    item,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_ob,
+    stride_oh,
+    stride_oq,
+    Lq,
+    Lk,
+    D,
+    nk,
+    Rq,
+    n_pairs,
+    n_pg,
+    Hkv,
+    G,
+    NB,  # B * Hkv
+    qk_scale,
+    S: tl.constexpr,
+    RB: tl.constexpr,
+    PP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    KPB: tl.constexpr,
+    KPB_P2: tl.constexpr,
+    BKD: tl.constexpr,
+    ND: tl.constexpr,
+    NJ: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FLAT: tl.constexpr,
+):
+    """One work item: ``PP`` consecutive (query block, head) pairs of one (batch, KV head), both passes."""
+    NBT: tl.constexpr = BN // KPB_P2
+    NU: tl.constexpr = S * ND
+    pg = n_pg - 1 - item // NB  # heaviest (latest) pair group first
+    bh = item % NB
+    b = bh // Hkv
+    hkv = bh % Hkv
+
+    # ---- stacked rows: m -> pair (query block i, head g) -> reduced row r
+    offs_m = tl.arange(0, BM)
+    pp_m = offs_m // RB
+    pair_m = pg * PP + pp_m
+    i_m = pair_m // G
+    r = i_m * RB + offs_m % RB  # [BM] reduced row
+    row_ok = (pp_m < PP) & (pair_m < n_pairs) & (r < Rq)
+    last_m = Lk - Lq + tl.minimum(r * S + S - 1, Lq - 1)  # [BM] last visible key position
+    min_last = tl.min(tl.where(row_ok, last_m, Lk), axis=0)
+    q_rows = b.to(tl.int64) * stride_qb + (hkv * G + pair_m % G).to(tl.int64) * stride_qh
+    q_row0 = r * S + S - 1
+
+    # ---- key tile columns: n -> (KV block jb of the tile, key group o of the block)
+    offs_n = tl.arange(0, BN)
+    col_c = (offs_n // KPB_P2) * KPB + offs_n % KPB_P2  # tile-relative reduced key
+    col_ok = (offs_n % KPB_P2) < KPB
+    k_base = b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+
+    # causal extent of the item: the last position of its last query block
+    i_last = (tl.minimum(pg * PP + PP, n_pairs) - 1) // G
+    last_max = Lk - Lq + tl.minimum((i_last + 1) * (RB * S), Lq) - 1
+    nvis = last_max // (KPB * S) + 1  # KV blocks visible to some row of the item
+    n_tiles = tl.cdiv(nvis, NBT)
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BN], tl.float32)
+    if FLAT:
+        # one flattened (tile, step) loop: the pipeline does not drain between tiles
+        for it in range(0, n_tiles * NU):
+            jt = it // NU
+            u = it - jt * NU
+            k_rows = (jt * (NBT * KPB) + col_c) * S
+            acc = _qk_step(acc, q_ptr, k_ptr, q_rows, q_row0, row_ok, k_rows, col_ok, k_base, stride_ql,
+                           stride_kl, u, Lq, Lk, D, S, BKD, ND, EVEN_D, UPCAST, DOT_PREC)
+            if u == NU - 1:
+                m_i, l_i = _tile_lse(acc, m_i, l_i, scr_rows, row_ok, last_m, min_last, col_c, col_ok, jt, nk, qk_scale,
+                                     S, BM, BN, KPB, KPB_P2)
+                acc = tl.zeros([BM, BN], tl.float32)
+    else:
+        for jt in range(0, n_tiles):
+            k_rows = (jt * (NBT * KPB) + col_c) * S
+            acc = tl.zeros([BM, BN], tl.float32)
+            for u in range(0, NU):
+                acc = _qk_step(acc, q_ptr, k_ptr, q_rows, q_row0, row_ok, k_rows, col_ok, k_base, stride_ql,
+                               stride_kl, u, Lq, Lk, D, S, BKD, ND, EVEN_D, UPCAST, DOT_PREC)
+            m_i, l_i = _tile_lse(acc, m_i, l_i, scr_rows, row_ok, last_m, min_last, col_c, col_ok, jt, nk, qk_scale,
+                                 S, BM, BN, KPB, KPB_P2)
+
+    lse_row = m_i + tl.log2(l_i)  # [BM]
+    tl.debug_barrier()  # the scratch written above is read back by other threads of the program
+
+    # ---- second pass: S[i, j] = sum over each pair's rows of 2^(lse_rj - LSE_r)
+    offs_j = tl.arange(0, NJ)
+    for j0 in range(0, nk, NJ):
+        jj = j0 + offs_j
+        lse = tl.load(scr_rows[:, None] + jj[None, :], mask=row_ok[:, None] & (jj < nvis)[None, :],
+                      other=float("-inf"))
+        pr = tl.exp2(lse - lse_row[:, None])  # [BM, NJ]
+        for pp in tl.static_range(PP):
+            val = tl.sum(tl.where(((pp_m == pp) & row_ok)[:, None], pr, 0.0), axis=0)  # [NJ]
+            pair = pg * PP + pp
+            dst = (out_ptr + b.to(tl.int64) * stride_ob + (hkv * G + pair % G).to(tl.int64) * stride_oh
+                   + (pair // G).to(tl.int64) * stride_oq)
+            tl.store(dst + jj, val, mask=(jj < nk) & (pair < n_pairs))
+    tl.debug_barrier()  # the next item of this program overwrites the scratch
+
+
+@triton.jit
+def _estimate_kernel(
+    q_ptr,
+    k_ptr,
+    out_ptr,
+    scr_ptr,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_ob,
+    stride_oh,
+    stride_oq,
+    Lq,
+    Lk,
+    D,
+    nk,
+    Rq,
+    n_pairs,  # nq * G (query block, head) pairs per (batch, KV head)
+    n_pg,  # pair groups of PP pairs
+    n_items,  # n_pg * B * Hkv
+    Hkv,
+    G,
+    NB,
+    qk_scale,  # scale / s * log2(e)
+    S: tl.constexpr,
+    RB: tl.constexpr,  # bq / s reduced rows per query block
+    PP: tl.constexpr,  # pairs stacked per item
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    KPB: tl.constexpr,
+    KPB_P2: tl.constexpr,
+    BKD: tl.constexpr,
+    ND: tl.constexpr,
+    NJ: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FLAT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    # the program's scratch slot: [BM, nk] float32
+    scr_rows = scr_ptr + pid.to(tl.int64) * (BM * nk) + tl.arange(0, BM).to(tl.int64) * nk
+    # persistent snake schedule over items sorted heaviest first: equal work per program
+    for rnd in range(0, tl.cdiv(n_items, nprog)):
+        item = rnd * nprog + tl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
+        if item < n_items:
+            _estimate_item(q_ptr, k_ptr, out_ptr, scr_rows, item, stride_qb, stride_qh, stride_ql, stride_kb,
+                           stride_kh, stride_kl, stride_ob, stride_oh, stride_oq, Lq, Lk, D, nk, Rq, n_pairs,
+                           n_pg, Hkv, G, NB, qk_scale, S, RB, PP, BM, BN, KPB, KPB_P2, BKD, ND, NJ, EVEN_D,
+                           UPCAST, DOT_PREC, FLAT)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def _alloc(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer (a seam for tests, which poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tiles(RB: int, KPB: int, D: int, interpret: bool, overrides: Optional[dict] = None) -> dict:
+    """Tile sizes and launch options for one call."""
+    if interpret:
+        cfg = dict(ROWS=32, BN=16, BKD=128, NJ=16, FLAT=False, PROGRAMS=3, num_warps=4, num_stages=1)
+    else:
+        # v1 (H200): BN 256 beat BN 128 by 1.19x (less L2 traffic per FLOP); NOTES_stages.md
+        cfg = dict(ROWS=128, BN=256, BKD=64, NJ=64, FLAT=False, PROGRAMS=0, num_warps=8, num_stages=3)
+    if overrides:
+        cfg.update(overrides)
+    PP = max(1, cfg["ROWS"] // RB)  # RB > ROWS: one pair per item, a taller tile
+    BM = max(16, triton.next_power_of_2(PP * RB))
+    BD = max(16, triton.next_power_of_2(D))
+    KPB_P2 = triton.next_power_of_2(KPB)
+    if BM > cfg["ROWS"]:  # keep the accumulator's size
+        cfg["BN"] = cfg["BN"] * cfg["ROWS"] // BM
+    cfg["BN"] = max(cfg["BN"], KPB_P2, 16)
+    cfg["BKD"] = min(max(cfg["BKD"], 16), BD)
+    cfg.update(PP=PP, BM=BM, KPB_P2=KPB_P2, BD=BD)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def block_importance(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    stride: int,
+    scale: Optional[float] = None,
+    chunk_rows: int = 1024,
+) -> torch.Tensor:
+    """Antidiagonal importance score of every (query block, KV block) pair, per query head.
+
+    Reduced query ``r`` groups query rows ``[r*s, r*s+s)`` and reduced key ``c`` keys ``[c*s, c*s+s)`` (the last
+    group of each zero-padded). Their logit pairs query offset ``s-1-t`` with key offset ``t``:
+    ``l[r, c] = scale / s * sum_t q[r*s+s-1-t] . k[c*s+t]``. Key group ``c`` is visible to ``r`` when
+    ``c*s <= Lk - Lq + min(r*s+s-1, Lq-1)`` (its first key is not after the group's last query). Each reduced
+    row is soft-maxed over its visible keys (float32) and the probabilities are summed per block pair.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``.
+        k: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA: query head ``h`` reads KV head ``h // G``).
+        block_q: ``bq``, a multiple of ``stride``.
+        block_k: ``bk``, a multiple of ``stride``.
+        stride: ``s``.
+        scale: Attention scale, ``1/sqrt(D)`` if ``None``; the estimator uses ``scale / s``.
+        chunk_rows: Accepted for parity with the reference; memory is bounded by the module's scratch limit
+            (``_SCRATCH_BYTES``) instead. Results do not depend on it.
+
+    Returns:
+        float32 ``[B, Hq, nq, nk]`` with ``nq = ceil(Lq/bq)``, ``nk = ceil(Lk/bk)``; each reduced row's
+        probabilities sum to 1, so row ``i`` sums to the number of reduced rows in query block ``i``.
+    """
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor, got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; block_importance supports float16, bfloat16, float32")
+    if k.dtype != q.dtype or k.device != q.device:
+        raise ValueError(f"q and k must share dtype and device, got {q.dtype}/{q.device} and {k.dtype}/{k.device}")
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Dk != D or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)} (batch, head_dim, GQA groups)")
+    s = int(stride)
+    if s <= 0 or block_q % s or block_k % s:
+        raise ValueError(f"stride={stride} must be positive and divide block_q={block_q} and block_k={block_k}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    G = Hq // Hkv
+    nq, nk = cdiv(Lq, block_q), cdiv(Lk, block_k)
+    out = _alloc((B, Hq, nq, nk), torch.float32, q.device)
+    if out.numel() == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+
+    interpret = _interpreting()
+    RB, KPB = block_q // s, block_k // s
+    cfg = _tiles(RB, KPB, D, interpret, _OVERRIDES)
+    PP, BM = cfg["PP"], cfg["BM"]
+    n_pairs = nq * G
+    n_pg = cdiv(n_pairs, PP)
+    n_items = n_pg * B * Hkv
+    # persistent grid: up to two programs per SM, each with a [BM, nk] float32 scratch slot (bounded by
+    # _SCRATCH_BYTES, but at least one program per SM)
+    per_prog = BM * nk * 4
+    if cfg["PROGRAMS"]:
+        programs = cfg["PROGRAMS"]
+    else:
+        n_sm = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        programs = min(2 * n_sm, max(n_sm, _SCRATCH_BYTES // per_prog))
+    programs = max(1, min(programs, n_items))
+    scratch = torch.empty(programs * BM * nk, dtype=torch.float32, device=q.device)
+    upcast = interpret and q.dtype == torch.bfloat16
+    dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
+    _estimate_kernel[(programs,)](
+        q,
+        k,
+        out,
+        scratch,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *out.stride()[:3],
+        Lq,
+        Lk,
+        D,
+        nk,
+        cdiv(Lq, s),
+        n_pairs,
+        n_pg,
+        n_items,
+        Hkv,
+        G,
+        B * Hkv,
+        float(scale) / s * _LOG2E,
+        S=s,
+        RB=RB,
+        PP=PP,
+        BM=BM,
+        BN=cfg["BN"],
+        KPB=KPB,
+        KPB_P2=cfg["KPB_P2"],
+        BKD=cfg["BKD"],
+        ND=cfg["BD"] // cfg["BKD"],
+        NJ=cfg["NJ"],
+        EVEN_D=D == cfg["BD"],
+        UPCAST=upcast,
+        DOT_PREC=dot_prec,
+        FLAT=cfg["FLAT"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return out

@@ -1,0 +1,138 @@
+"""Triton antidiagonal importance (``kernels/estimate/kernel.py``) against ``kernels/estimate/naive.py``.
+
+CPU tier: the kernel runs under the Triton interpreter (``tests/conftest.py``) at tiny, irregular shapes,
+with the tile/launch overrides that force its rarer paths (several work items per persistent program, pair
+groups that straddle query blocks, D split into chunks, padded KV-block columns, the flattened loop).
+GPU tier (``pytest -m gpu`` with ``PSA_VLM_TEST_GPU=1``): Qwen2.5-VL-7B attention shapes in bfloat16.
+"""
+
+import pytest
+import torch
+
+from psa_vlm.kernels.estimate import kernel as est_kernel
+from psa_vlm.kernels.estimate.kernel import block_importance
+from psa_vlm.kernels.estimate.naive import block_importance as block_importance_ref
+from psa_vlm.kernels.geometry import block_masks, cdiv
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """NaN-filled output buffer: every element must be written (zeros where invisible)."""
+
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(est_kernel, "_alloc", alloc)
+
+
+@pytest.fixture
+def overrides(monkeypatch):
+    """Set tile/launch overrides for one test (restored afterwards)."""
+
+    def apply(**kw):
+        monkeypatch.setattr(est_kernel, "_OVERRIDES", dict(kw))
+
+    return apply
+
+
+def check(q, k, bq, bk, s, scale=None, atol=1e-5, rtol=1e-4):
+    got = block_importance(q, k, block_q=bq, block_k=bk, stride=s, scale=scale)
+    ref = block_importance_ref(q.float(), k.float(), block_q=bq, block_k=bk, stride=s, scale=scale)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) output"
+    vis, _ = block_masks(q.shape[2], k.shape[2], bq, bk, got.device)
+    assert (got[..., ~vis] == 0).all(), "invisible block pairs must be exactly 0"
+    torch.testing.assert_close(got, ref, atol=atol, rtol=rtol)
+    return got
+
+
+def rand(shape, dtype):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- CPU tier
+# float32 / float16 inputs: products are exact in float32 in both; sums and exp2 vs exp differ by rounding only
+CASES = [
+    # B, Hq, Hkv, Lq, Lk, D, bq, bk, s, dtype
+    (1, 2, 1, 17, 17, 16, 16, 16, 4, torch.float32),
+    (2, 4, 2, 129, 300, 16, 16, 32, 4, torch.float32),  # Lq < Lk, batch 2, GQA 2
+    (1, 6, 2, 300, 300, 32, 32, 16, 8, torch.float16),  # GQA 3
+    (1, 4, 2, 100, 129, 16, 32, 32, 8, torch.float32),
+    (1, 4, 2, 57, 70, 16, 12, 24, 4, torch.float32),  # bq/s = 3, bk/s = 6: padded tile columns
+    (1, 3, 1, 40, 40, 20, 16, 16, 4, torch.float16),  # D not a power of two
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk,s,dtype", CASES)
+def test_matches_reference(poisoned, B, Hq, Hkv, Lq, Lk, D, bq, bk, s, dtype):
+    q, k = rand((B, Hq, Lq, D), dtype), rand((B, Hkv, Lk, D), dtype)
+    out = check(q, k, bq, bk, s)
+    # each reduced row is a distribution: row i sums to its number of reduced rows
+    n_rows = torch.tensor([len(range(i * bq, min((i + 1) * bq, Lq), s)) for i in range(cdiv(Lq, bq))])
+    torch.testing.assert_close(out.sum(-1), n_rows.float().to(out.device).expand_as(out.sum(-1)), rtol=1e-5,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(PROGRAMS=1),  # one persistent program walks every item (scratch reused)
+        dict(PROGRAMS=5, ROWS=64, BN=32),  # pair groups straddle query blocks; 2 KV blocks per key tile
+        dict(FLAT=True, BKD=16),  # flattened loop, D in 2 chunks
+        dict(ROWS=2, NJ=16),  # a query block taller than ROWS: one pair per item, BM > ROWS
+    ],
+)
+def test_tile_and_schedule_paths(poisoned, overrides, cfg):
+    overrides(**cfg)
+    q, k = rand((2, 6, 90, 32), torch.float32), rand((2, 2, 130, 32), torch.float32)
+    check(q, k, 16, 16, 4, scale=0.3)
+
+
+def test_strided_inputs(poisoned):
+    q = rand((1, 70, 4, 16), torch.float32).transpose(1, 2)  # [B, L, H, D] storage
+    k = rand((1, 2, 16, 100), torch.float32).transpose(-1, -2)  # last dim not contiguous: copied
+    assert not q.is_contiguous() and k.stride(-1) != 1
+    check(q, k, 16, 32, 4)
+
+
+def test_bf16_inputs_upcast_under_interpreter(poisoned):
+    q, k = rand((1, 4, 64, 16), torch.bfloat16), rand((1, 2, 64, 16), torch.bfloat16)
+    check(q, k, 16, 16, 4)
+
+
+def test_program_count_does_not_change_result(poisoned, monkeypatch):
+    q, k = rand((1, 4, 80, 16), torch.float32), rand((1, 2, 80, 16), torch.float32)
+    a = block_importance(q, k, block_q=16, block_k=16, stride=4)
+    monkeypatch.setattr(est_kernel, "_OVERRIDES", dict(PROGRAMS=2))
+    b = block_importance(q, k, block_q=16, block_k=16, stride=4)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_errors():
+    q, k = torch.randn(1, 4, 32, 16, device=DEV), torch.randn(1, 2, 32, 16, device=DEV)
+    with pytest.raises(ValueError):
+        block_importance(q, k, block_q=16, block_k=16, stride=3)
+    with pytest.raises(ValueError):
+        block_importance(q, k[:, :, :, :8], block_q=16, block_k=16, stride=4)
+    with pytest.raises(ValueError):
+        block_importance(q[:, :3], k, block_q=16, block_k=16, stride=4)
+    with pytest.raises(TypeError):
+        block_importance(q.double(), k.double(), block_q=16, block_k=16, stride=4)
+
+
+# ---------------------------------------------------------------------------------------------- GPU tier
+@pytest.mark.gpu
+@pytest.mark.parametrize("Lq,Lk", [(8192, 8192), (8192 - 1000 - 3, 8192), (12288 + 77, 12288 + 77)])
+def test_gpu_bf16_qwen_shapes(Lq, Lk):
+    from psa_vlm.bench.synthetic import video_like_qkv
+
+    q, k, _ = video_like_qkv(1, 28, 4, Lk, 128, dtype=torch.bfloat16, device="cuda", seed=None)
+    q = q[:, :, Lk - Lq :]
+    got = block_importance(q, k, block_q=128, block_k=128, stride=8)
+    ref = block_importance_ref(q.float(), k.float(), block_q=128, block_k=128, stride=8)
+    assert torch.isfinite(got).all()
+    # bf16 products are exact in float32: only the summation order differs from the float32 reference
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
