@@ -10,7 +10,9 @@ video). Methods: unpatched dense SDPA, PSA presets, and binary keep/drop at the 
 Reported per (length, method): median TTFT over ``--reps`` runs (CUDA events), density, peak GPU memory,
 speed-up over dense, and the attention share of dense TTFT (28 x one dense SDPA layer / TTFT, measured in the
 same run). A speed-up is reported only if the patched model's first-token logits are finite and its
-``"dense"`` preset reproduces unpatched logits (checked once per length).
+``"dense"`` preset reproduces unpatched logits to ``CHECK_TOL`` relative error (checked once per length; the
+error is recorded). The input embeddings are video-like (``bench.synthetic``): smooth within a frame, slowly
+drifting across frames, with a 512-token text tail.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ import torch
 
 from ..config import PSAConfig
 from .common import append_csv, environment, write_markdown
+from .synthetic import video_like_embeddings
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = [
     "gpu", "seq_len", "method", "density", "ttft_s", "dense_ttft_s", "speedup", "peak_mem_gb",
-    "dense_peak_mem_gb", "mem_over_dense_pct", "attn_share_dense", "ceiling", "check", "layers",
+    "dense_peak_mem_gb", "mem_over_dense_pct", "attn_share_dense", "ceiling", "check", "check_err", "layers",
     "torch", "triton", "transformers", "commit",
 ]
+#: Relative error allowed between the "dense" preset's first-token logits and unpatched SDPA's.
+CHECK_TOL = 5e-2
 DEFAULT_METHODS = "dense,paper,quota-0.1,quota-0.2,quota-0.3,binary@quota-0.2,binary@paper"
 
 
@@ -119,8 +124,9 @@ def main(args: argparse.Namespace) -> int:
     rows: List[Dict] = []
     for L in [int(x) for x in args.seq_lens.split(",") if x]:
         t_len = time.time()
-        g = torch.Generator(device="cuda").manual_seed(L)
-        embeds = (torch.randn(1, L, tc.hidden_size, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        # video-like input embeddings (smooth within frames, slow drift across frames, a text tail)
+        embeds = video_like_embeddings(L, tc.hidden_size, text_tokens=512, dtype=torch.bfloat16, device="cuda",
+                                       seed=L)
         # attention share of dense prefill: one SDPA layer at this shape, times the layer count
         q = torch.randn(1, tc.num_attention_heads, L, 128, device="cuda", dtype=torch.bfloat16)
         kv = torch.randn(1, tc.num_key_value_heads, L, 128, device="cuda", dtype=torch.bfloat16)
@@ -138,11 +144,14 @@ def main(args: argparse.Namespace) -> int:
         # check: the dense preset through the patch reproduces unpatched logits
         patch_qwen25vl(model, PSAConfig.preset("dense", min_seq_len=1024))
         pd = prefill(model, embeds).float()
-        dense_ok = bool(torch.isfinite(pd).all()) and float((pd - dense_logits).norm() / dense_logits.norm()) < 2e-2
+        check_err = float((pd - dense_logits).norm() / dense_logits.norm())
+        # bf16 through every layer: the Triton kernel and cuDNN round differently, so allow a few percent
+        dense_ok = bool(torch.isfinite(pd).all()) and check_err < CHECK_TOL
         unpatch_qwen25vl(model)
         rows.append(dict(seq_len=L, method="dense", density=1.0, ttft_s=dense_t, dense_ttft_s=dense_t, speedup=1.0,
                          peak_mem_gb=dense_peak, dense_peak_mem_gb=dense_peak, mem_over_dense_pct=0.0,
-                         attn_share_dense=share, ceiling=1.0, check="pass" if dense_ok else "FAIL"))
+                         attn_share_dense=share, ceiling=1.0, check="pass" if dense_ok else "FAIL",
+                         check_err=check_err))
         logger.info("L=%d dense TTFT %.3f s (attention share %.2f); dense-preset check %s", L, dense_t, share,
                     dense_ok)
         measured: Dict[str, float] = {}
@@ -175,7 +184,8 @@ def main(args: argparse.Namespace) -> int:
             rows.append(dict(seq_len=L, method=m, density=d, ttft_s=t, dense_ttft_s=dense_t,
                              speedup=(dense_t / t) if ok else "", peak_mem_gb=peak, dense_peak_mem_gb=dense_peak,
                              mem_over_dense_pct=100 * (peak / dense_peak - 1), attn_share_dense=share,
-                             ceiling=1 / ((1 - share) + share * d), check="pass" if ok else "FAIL"))
+                             ceiling=1 / ((1 - share) + share * d), check="pass" if ok else "FAIL",
+                             check_err=check_err))
             logger.info("L=%d %s: density %.3f TTFT %.3f s (x%.2f), peak %.1f GB", L, m, d, t, dense_t / t, peak)
         del embeds
         torch.cuda.empty_cache()
@@ -192,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
                 f"commit {env['commit']}; Qwen2.5-VL-7B-shaped language model ({n_layers} layers, random bf16 "
                 "weights unless a checkpoint is named), batch 1, TTFT = LM forward + LM head on the last token.")
         write_markdown(out.with_suffix(".md"), rows, ["seq_len", "method", "density", "ttft_s", "dense_ttft_s",
-                       "speedup", "ceiling", "peak_mem_gb", "mem_over_dense_pct", "attn_share_dense", "check"],
+                       "speedup", "ceiling", "peak_mem_gb", "mem_over_dense_pct", "attn_share_dense", "check", "check_err"],
                        "Long-video prefill: time to first token", cond)
     if args.figure:
         _figure(rows, Path(args.figure), env["gpu"])
