@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import PSAConfig
-from .common import append_csv, environment, median_ms
+from .common import append_csv, environment, median_ms, write_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ COLUMNS = [
     "pool_ms", "estimate_ms", "assign_ms", "attend_ms", "overhead_pct_of_dense", "attend_over_ideal",
     "full", "pool2", "pool4", "pool8", "skip", "extra_mem_mb", "kv_mb", "check", "max_rel_err",
     "input", "heads", "kv_heads", "head_dim", "dtype", "torch", "triton", "commit",
+]
+MD_COLUMNS = [
+    "seq_len", "preset", "density", "dense_ms", "psa_ms", "speedup", "pool_ms", "estimate_ms", "assign_ms",
+    "attend_ms", "overhead_pct_of_dense", "attend_over_ideal", "extra_mem_mb", "kv_mb", "check",
 ]
 DEFAULT_PRESETS = "quota-0.1,binary-0.1,quota-0.2,binary-0.2,quota-0.3,binary-0.3,paper,binary@paper"
 
@@ -241,6 +245,13 @@ def main(args: argparse.Namespace) -> int:
         logger.info("L=%d done in %.0f s", L, time.time() - t0)
     if args.out:
         append_csv(Path(args.out), results, COLUMNS)
+        write_markdown(
+            Path(args.out).with_suffix(".md"), results, MD_COLUMNS, "Attention layer: PSA against dense SDPA",
+            f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; one layer, batch 1, "
+            f"Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, causal, {args.input} inputs; "
+            "CUDA-event medians (ms); every row's Triton stages were checked against the PyTorch reference in the "
+            "same run before its speed-up was recorded.",
+        )
     print(f"\nbench-attention on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}), "
           f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16 causal, {args.input} inputs")
     hdr = f"{'L':>6} {'preset':<13} {'dens':>5} {'dense':>7} {'psa':>7} {'x':>5} {'pool':>5} {'est':>6} {'asg':>5} {'attn':>7} {'ovh%':>5} {'at/id':>5} {'chk':>4}"
