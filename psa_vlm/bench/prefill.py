@@ -1,11 +1,13 @@
 """``psa-vlm bench-prefill``: time to first token of a Qwen2.5-VL-7B-shaped language model, PSA against dense.
 
-The language model (28 layers, hidden 3584, 28 query / 4 KV heads, head_dim 128, intermediate 18944,
-mRoPE) is built with random weights in bf16 on the GPU (or loaded from ``--model DIR``). A prefill of
-``L`` tokens is the language model's forward over ``L`` input embeddings plus the LM head on the last
-position: exactly the work before the first answer token once the vision tower has run. Without token ids
-PSA uses its documented fallback (the last ``text_tail`` tokens are the text question; everything before is
-video). Methods: unpatched dense SDPA, PSA presets, and binary keep/drop at the density PSA measured.
+By default the language model (28 layers, hidden 3584, 28 query / 4 KV heads, head_dim 128, intermediate
+18944, mRoPE) is built with random weights in bf16 on the GPU, and a prefill of ``L`` tokens is its forward
+over ``L`` video-like input embeddings plus the LM head on the last position: the work before the first answer
+token once the vision tower has run. Without token ids PSA uses its documented fallback (the last
+``text_tail`` tokens are the text question; everything before is video). With ``--model DIR`` the checkpoint
+is loaded and each prompt is a synthetic mp4 of ``frames x --frame-size`` sized to ``L`` tokens, decoded by
+qwen-vl-utils + decord and tokenised by the checkpoint's processor; the TTFT is then the whole model's
+forward (vision tower included) and PSA gets the real token types. Methods: unpatched dense SDPA, PSA presets, and binary keep/drop at the density PSA measured.
 
 Reported per (length, method): median TTFT over ``--reps`` runs (CUDA events), density, peak GPU memory,
 speed-up over dense, and the attention share of dense TTFT (28 x one dense SDPA layer / TTFT, measured in the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -47,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'dense' (unpatched SDPA), PSA presets, or 'binary@P' (keep/drop at P's measured density)")
     p.add_argument("--model", default=None, help="local Qwen2.5-VL checkpoint (default: random 7B-shaped weights)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's, 28 for 7B)")
+    p.add_argument("--frame-size", type=int, default=448,
+                   help="with --model: frame side in pixels of the synthetic video (default 448: 256 tokens / 2 frames)")
     p.add_argument("--reps", type=int, default=3, help="timed prefills per method (median)")
     p.add_argument("--out", default="eval/results/prefill.csv", help="CSV to append to ('' for none)")
     p.add_argument("--figure", default="eval/results/prefill.png", help="PNG figure ('' for none)")
@@ -64,6 +69,32 @@ def _text_config(layers: Optional[int]):
         vision_config=dict(depth=1, hidden_size=64, out_hidden_size=3584, num_heads=1, intermediate_size=64),
     )
     return cfg
+
+
+def checkpoint_video_inputs(
+    processor, n_tokens: int, workdir: Path, *, frame_size: int = 448, fps: float = 2.0, seed: int = 0
+):
+    """Processor inputs of about ``n_tokens`` prompt tokens, built the way ``psa-vlm run`` builds them.
+
+    A synthetic mp4 of ``frames x frame_size^2`` (2 frames per temporal patch, ``(frame_size/28)^2`` tokens per
+    pair of frames) is written with PyAV, decoded by qwen-vl-utils + decord and tokenised by the checkpoint's
+    processor with its video metadata, so the video placeholder tokens, ``video_grid_thw`` and
+    ``second_per_grid_ts`` are the real ones.
+
+    Returns:
+        The processor's ``BatchFeature`` on the CPU.
+    """
+    from ..inference import prepare_inputs, video_messages
+    from ..video.synth import make_clip
+
+    side = max(28, frame_size // 28 * 28)
+    per_pair = (side // 28) ** 2
+    pairs = max(1, (n_tokens - 64) // per_pair)  # ~64 tokens of chat template and question
+    frames = 2 * pairs
+    path = Path(workdir) / f"bench_prefill_{frames}x{side}.mp4"
+    item = make_clip(path, frames=frames, width=side, height=side, fps=fps, seed=seed)
+    msgs = video_messages(path, item.prompt(), nframes=frames, min_pixels=side * side, max_pixels=side * side)
+    return prepare_inputs(processor, msgs)
 
 
 def build_model(model_dir: Optional[str], layers: Optional[int]):
@@ -86,8 +117,11 @@ def build_model(model_dir: Optional[str], layers: Optional[int]):
 
 
 @torch.inference_mode()
-def prefill(model, embeds: torch.Tensor) -> torch.Tensor:
-    """Language-model forward over ``embeds`` ``[1, L, hidden]`` and the LM head on the last position."""
+def prefill(model, embeds) -> torch.Tensor:
+    """First-token logits: the language model over ``embeds`` ``[1, L, hidden]`` plus the LM head on the last
+    position, or (processor inputs from a checkpoint) the whole model, vision tower included."""
+    if not isinstance(embeds, torch.Tensor):
+        return model(**embeds, use_cache=True, logits_to_keep=1).logits
     lm = model.model.language_model
     out = lm(inputs_embeds=embeds, use_cache=True)
     return model.lm_head(out.last_hidden_state[:, -1:])
@@ -118,15 +152,28 @@ def main(args: argparse.Namespace) -> int:
         raise CLIError(f"--model {args.model!r} is not a directory")
     env = environment()
     model = build_model(args.model, args.layers)
+    processor = None
+    workdir = tempfile.TemporaryDirectory(prefix="psa_vlm_bench_")
+    if args.model:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model)
     tc = model.config.get_text_config()
     n_layers = tc.num_hidden_layers
     methods = [m for m in args.methods.split(",") if m]
     rows: List[Dict] = []
     for L in [int(x) for x in args.seq_lens.split(",") if x]:
         t_len = time.time()
-        # video-like input embeddings (smooth within frames, slow drift across frames, a text tail)
-        embeds = video_like_embeddings(L, tc.hidden_size, text_tokens=512, dtype=torch.bfloat16, device="cuda",
-                                       seed=L)
+        if args.model:
+            # real video tokens through the checkpoint's processor (vision tower included in the TTFT)
+            inputs = checkpoint_video_inputs(processor, L, Path(workdir.name), frame_size=args.frame_size)
+            inputs = inputs.to("cuda")
+            L = int(inputs["input_ids"].shape[1])
+            embeds = inputs
+        else:
+            # video-like input embeddings (smooth within frames, slow drift across frames, a text tail)
+            embeds = video_like_embeddings(L, tc.hidden_size, text_tokens=512, dtype=torch.bfloat16,
+                                           device="cuda", seed=L)
         # attention share of dense prefill: one SDPA layer at this shape, times the layer count
         q = torch.randn(1, tc.num_attention_heads, L, 128, device="cuda", dtype=torch.bfloat16)
         kv = torch.randn(1, tc.num_key_value_heads, L, 128, device="cuda", dtype=torch.bfloat16)
