@@ -11,7 +11,7 @@ absolute position ``Lk - Lq + r``, so the last query sees every key. Example wit
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import math
 import os
@@ -243,7 +243,22 @@ def _coerce_level_map(level_map, B, Hq, lq, lk, config) -> torch.Tensor:
     return f.to(torch.int8)
 
 
-def _run_psa_impl(
+def _on_q_device(fn):
+    """Run ``fn`` with ``q``'s CUDA device current: Triton launches on the *current* device, which is wrong for
+    a model spread over several GPUs unless the caller switches to the layer's device."""
+
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kwargs):
+        if isinstance(q, torch.Tensor) and q.is_cuda:
+            with torch.cuda.device(q.device):
+                return fn(q, *args, **kwargs)
+        return fn(q, *args, **kwargs)
+
+    return wrapper
+
+
+@_on_q_device
+def run_psa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -257,7 +272,12 @@ def _run_psa_impl(
     plan_only: bool = False,
     out: Optional[torch.Tensor] = None,
 ) -> Tuple[Optional[torch.Tensor], PSAPlan]:
-    """Body of ``run_psa`` (called inside the device context)."""
+    """``psa_attention`` that also returns its ``PSAPlan`` (level map, block lists, pyramid).
+
+    With ``plan_only=True`` the attention stage is skipped and the output is ``None``. ``out`` may be a
+    ``[B, Hq, Lq, D]`` tensor (any strides, e.g. a transposed ``[B, Lq, Hq, D]`` buffer) to write into.
+    Every kernel launches on ``q``'s device.
+    """
     config = PSAConfig() if config is None else config
     if not isinstance(config, PSAConfig):
         raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
@@ -325,35 +345,6 @@ def _run_psa_impl(
         out=out,
     )
     return o, plan
-
-
-def run_psa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    config: Optional[PSAConfig] = None,
-    *,
-    level_map: Union[LevelMap, torch.Tensor, None] = None,
-    scale: Optional[float] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    token_types: Optional[torch.Tensor] = None,
-    backend: str = "auto",
-    plan_only: bool = False,
-    out: Optional[torch.Tensor] = None,
-) -> Tuple[Optional[torch.Tensor], PSAPlan]:
-    """``psa_attention`` that also returns its ``PSAPlan`` (level map, block lists, pyramid).
-
-    With ``plan_only=True`` the attention stage is skipped and the output is ``None``. ``out`` may be a
-    ``[B, Hq, Lq, D]`` tensor (any strides, e.g. a transposed ``[B, Lq, Hq, D]`` buffer) to write into.
-    Every kernel launches on ``q``'s device (Triton launches on the *current* CUDA device otherwise, which is
-    wrong for a model spread over several GPUs).
-    """
-    ctx = torch.cuda.device(q.device) if isinstance(q, torch.Tensor) and q.is_cuda else contextlib.nullcontext()
-    with ctx:
-        return _run_psa_impl(
-            q, k, v, config, level_map=level_map, scale=scale, key_padding_mask=key_padding_mask,
-            token_types=token_types, backend=backend, plan_only=plan_only, out=out,
-        )
 
 
 def psa_attention(
