@@ -258,6 +258,16 @@ def default_model_dir() -> Path:
     return default_tiny_checkpoint()
 
 
+def resolve_model_dir(model: Optional[PathLike]) -> Tuple[Path, Optional[Dict[str, Any]]]:
+    """The checkpoint to use and its tiny-checkpoint info (``None`` for a real checkpoint).
+
+    ``model=None`` means the default tiny checkpoint (``default_model_dir``); otherwise the directory is checked
+    with ``check_qwen25vl_checkpoint`` (raises ``CheckpointError``).
+    """
+    model_dir = default_model_dir() if model is None else check_qwen25vl_checkpoint(model)
+    return model_dir, tiny_checkpoint_info(model_dir)
+
+
 def default_device() -> torch.device:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,17 +37,15 @@ from .inference import (
     CheckpointError,
     GenerationTiming,
     VideoError,
-    check_qwen25vl_checkpoint,
     default_device,
-    default_model_dir,
     frame_count,
     generate_timed,
     load_qwen25vl,
     prepare_inputs,
     probe_video,
     psa_config_from_options,
+    resolve_model_dir,
     summarize_psa_stats,
-    tiny_checkpoint_info,
     video_messages,
 )
 
@@ -206,14 +204,10 @@ def main(args: argparse.Namespace) -> int:
     except VideoError as exc:
         raise _cli_error(str(exc)) from None
 
-    if args.model is None:
-        model_dir = default_model_dir()
-    else:
-        try:
-            model_dir = check_qwen25vl_checkpoint(args.model)
-        except CheckpointError as exc:
-            raise _cli_error(str(exc)) from None
-    tiny_info = tiny_checkpoint_info(model_dir)
+    try:
+        model_dir, tiny_info = resolve_model_dir(args.model)
+    except CheckpointError as exc:
+        raise _cli_error(str(exc)) from None
     tiny = tiny_info is not None
     untrained = tiny and not tiny_info.get("trained", False)
     cfg, note = _psa_config(args, tiny)

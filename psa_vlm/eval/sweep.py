@@ -343,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
     """``psa-vlm eval-sweep``: see the module docstring."""
     import torch
 
-    from ..inference import CheckpointError, check_qwen25vl_checkpoint, tiny_checkpoint_info
+    from ..inference import CheckpointError, resolve_model_dir
 
     tasks = _split(args.tasks)
     presets = _split(args.presets)
@@ -355,16 +355,10 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise _cli_error(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
     limit = _limit(args.limit)
-    if args.model is None:
-        from ..inference import default_model_dir
-
-        model_dir = default_model_dir()
-    else:
-        try:
-            model_dir = check_qwen25vl_checkpoint(args.model)
-        except CheckpointError as exc:
-            raise _cli_error(str(exc)) from None
-    tiny_info = tiny_checkpoint_info(model_dir)
+    try:
+        model_dir, tiny_info = resolve_model_dir(args.model)
+    except CheckpointError as exc:
+        raise _cli_error(str(exc)) from None
     tiny = tiny_info is not None
     untrained = tiny and not tiny_info.get("trained", False)
     model_args = _parse_model_args(args.model_args)
