@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .api import run_psa
+from .bench.common import binary_config_at_density
 from .bench.synthetic import video_like_qkv
 from .config import PSAConfig
 
@@ -51,7 +52,7 @@ def compare(
     t_psa = time.perf_counter() - t0
     d = plan.level_map.density()
     rows.append(("psa", d, plan.level_map.histogram(), _rel(out, dense), t_psa))
-    binary = cfg.replace(mode="quota", pool_factors=(), quotas=(min(d, 1.0), 0.0, 0.0, 0.0), sim_thresholds=None)
+    binary, _ = binary_config_at_density(q, k, d, base=cfg, backend=backend)
     t0 = time.perf_counter()
     bout, bplan = run_psa(q, k, v, binary, backend=backend)
     t_bin = time.perf_counter() - t0

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import PSAConfig
-from .common import append_csv, environment, median_ms, write_markdown
+from .common import append_csv, binary_config_at_density, environment, median_ms, write_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ DEFAULT_PRESETS = "quota-0.1,binary-0.1,quota-0.2,binary-0.2,quota-0.3,binary-0.
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-lens", default="16384,32768,65536,131072", help="comma-separated token counts")
     p.add_argument("--presets", default=DEFAULT_PRESETS,
-                   help="comma-separated presets; 'binary@P' is keep/drop at the density P measured")
+                   help="comma-separated presets; 'binary@P' is keep/drop with its quota corrected to P's measured density")
     p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
@@ -69,13 +69,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
-def _config_for(name: str, measured: Dict[str, float]) -> PSAConfig:
+def _config_for(name: str, measured: Dict[str, float], q: torch.Tensor, k: torch.Tensor) -> PSAConfig:
     if name.startswith("binary@"):
         base = name.split("@", 1)[1]
         if base not in measured:
             raise ValueError(f"{name}: run preset {base!r} earlier in --presets to match its density")
-        d = min(1.0, measured[base])
-        return PSAConfig(mode="quota", pool_factors=(), quotas=(d, 0.0, 0.0, 0.0), sim_thresholds=None)
+        cfg, _ = binary_config_at_density(q, k, measured[base], backend="triton")
+        return cfg
     return PSAConfig.preset(name)
 
 
@@ -215,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
         measured: Dict[str, float] = {}
         for name in presets:
             try:
-                cfg = _config_for(name, measured)
+                cfg = _config_for(name, measured, q, k)
             except ValueError as exc:
                 raise CLIError(str(exc)) from None
             chk: Optional[Dict[str, float]] = None

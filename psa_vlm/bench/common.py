@@ -6,11 +6,13 @@ import csv
 import os
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["environment", "append_csv", "write_markdown", "median_ms"]
+from ..config import PSAConfig
+
+__all__ = ["environment", "append_csv", "write_markdown", "median_ms", "binary_config_at_density"]
 
 
 def _git_commit() -> str:
@@ -74,3 +76,46 @@ def write_markdown(path: Path, rows: List[Dict], columns: List[str], title: str,
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def binary_config_at_density(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    target: float,
+    *,
+    base: Optional[PSAConfig] = None,
+    backend: str = "auto",
+    iters: int = 4,
+    tol: float = 0.005,
+) -> Tuple[PSAConfig, float]:
+    """Binary keep/drop (quota mode, full resolution only) whose *measured* density on ``(q, k)`` is ``target``.
+
+    Forced blocks (sink, diagonal, text) add density on top of a quota, so a quota equal to another method's
+    measured density overshoots it; this corrects the quota a few times (fixed-point steps on the measured
+    density) and returns the closest configuration found.
+
+    Args:
+        q, k: The inputs the comparison runs on.
+        target: Density to match (e.g. a PSA preset's measured density).
+        base: Configuration whose blocks, stride and flags to keep (default ``"binary"``).
+        backend, iters, tol: Level-map backend, correction steps, and the accepted density error.
+
+    Returns:
+        ``(config, measured_density)``.
+    """
+    from ..api import build_level_map
+
+    base = PSAConfig.preset("binary") if base is None else base
+    best: Optional[Tuple[PSAConfig, float]] = None
+    quota = min(max(target, 0.0), 1.0)
+    for _ in range(max(1, iters)):
+        cfg = base.replace(mode="quota", pool_factors=(), quotas=(quota, 0.0, 0.0, 0.0), sim_thresholds=None,
+                           dense=False)
+        measured = build_level_map(q, k, cfg, backend=backend).density()
+        if best is None or abs(measured - target) < abs(best[1] - target):
+            best = (cfg, measured)
+        if abs(measured - target) <= tol:
+            break
+        quota = min(max(quota + (target - measured), 0.0), 1.0)
+    assert best is not None
+    return best
