@@ -22,7 +22,6 @@ __all__ = ["PSAConfig", "PRESETS", "ALL_FACTORS"]
 ALL_FACTORS: Tuple[int, ...] = (1, 2, 4, 8)
 
 _MODES = ("threshold", "quota")
-_BACKENDS = ("auto", "triton", "reference")
 
 
 def _quota_pyramid(density: float) -> Tuple[float, float, float, float]:
@@ -84,26 +83,16 @@ class PSAConfig:
         self._validate()
 
     def _validate(self) -> None:
-        def positive_int(name: str) -> int:
+        def check_int(name: str, minimum: int) -> None:
             val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"PSAConfig.{name} must be a positive int, got {val!r}")
-            return val
+            if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
+                what = "a positive int" if minimum > 0 else "an int >= 0"
+                raise ValueError(f"PSAConfig.{name} must be {what}, got {val!r}")
 
-        for name in ("block_q", "block_k", "stride", "sink_blocks", "min_seq_len"):
-            if name == "sink_blocks":
-                val = self.sink_blocks
-                if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                    raise ValueError(f"PSAConfig.sink_blocks must be an int >= 0, got {val!r}")
-                continue
-            if name == "min_seq_len":
-                val = self.min_seq_len
-                if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                    raise ValueError(f"PSAConfig.min_seq_len must be an int >= 0, got {val!r}")
-                continue
-            positive_int(name)
-        if isinstance(self.text_tail, bool) or not isinstance(self.text_tail, int) or self.text_tail < 0:
-            raise ValueError(f"PSAConfig.text_tail must be an int >= 0, got {self.text_tail!r}")
+        for name in ("block_q", "block_k", "stride"):
+            check_int(name, 1)
+        for name in ("sink_blocks", "min_seq_len", "text_tail"):
+            check_int(name, 0)
         if self.block_q % self.stride or self.block_k % self.stride:
             raise ValueError(
                 f"PSAConfig.stride={self.stride} must divide block_q={self.block_q} and block_k={self.block_k}"

@@ -162,7 +162,7 @@ def test_pyramid_means_and_layout():
 
 
 def test_similarity_cap_picks_largest_passing_factor():
-    B, H, D, bk = 1, 1, 8, 16
+    D, bk = 8, 16
     base = torch.randn(6, D)
     blocks = [
         base[0].expand(16, D),  # constant block: every factor passes -> 8

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..geometry import FACTOR_ORDER, cdiv, level_offsets
+from ..geometry import FACTOR_ORDER, level_offsets
 
 __all__ = ["sparse_attention", "factors_from_lists"]
 
@@ -67,7 +67,6 @@ def sparse_attention(
     G = Hq // Hkv
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    nq, nk = cdiv(Lq, block_q), cdiv(Lk, block_k)
     nkf = Lk // block_k
     offs = level_offsets(nkf, block_k, factors)
     fmap = factors_from_lists(kv_idx, counts)  # [B, Hq, nq, nk]
