@@ -49,7 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the built checkpoint changes; part of the cache directory name.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 #: Name of the marker file written last: its presence means the directory is a complete tiny checkpoint.
 MARKER_FILE = "psa_vlm_tiny.json"
@@ -127,6 +127,15 @@ _CORPUS_LINES = (
     "The quick brown fox jumps over the lazy dog 0123456789 times.",
     "Please watch the video carefully and then answer the question below.",
     "system user assistant image video frame second minute hour count colour shape motion",
+    # the synthetic video QA's wording (psa_vlm.video.synth): every colour, shape and option word is one token
+    "A coloured square appears briefly in the video. What colour is it?",
+    "A coloured shape appears briefly in the video. What shape is it?",
+    "Two coloured shapes appear one after the other in the video. In which order do they appear?",
+    "A cyan square flashes on and off during the video. How many times does it appear?",
+    "Answer with the option's letter from the given choices directly.",
+    "Answer with a word or a short phrase.",
+    "red green blue yellow magenta cyan square circle triangle cross",
+    "the magenta triangle, then the cyan cross the yellow circle, then the green square",
 )
 
 

@@ -498,10 +498,27 @@ def event_frames_at(frames: int, stretch: float) -> int:
     return int(round(default + (longest - default) * min(1.0, max(0.0, stretch))))
 
 
+def hint_text(item: Any) -> str:
+    """A sentence stating what the video shows (``"The square is cyan."``): the text-hint curriculum.
+
+    Training only: an item with a hint can be answered from the text alone, which teaches the option
+    matching and letter copying while the video features are still weak; held-out items never get one.
+    """
+    e = item.events
+    if item.kind == "needle_color":
+        return f"The square is {e[0].color}."
+    if item.kind == "needle_shape":
+        return f"The shape is a {e[0].shape}."
+    if item.kind == "order":
+        return f"First the {e[0].color} {e[0].shape}, then the {e[1].color} {e[1].shape}."
+    return f"It appears {len(e)} times."
+
+
 def plan_items(kinds: Sequence[str], geom: Geometry, seeds: Sequence[int], open_question: Sequence[bool] = (),
-               stretch: float = 0.0) -> Tuple[List[Any], List[str], List[str]]:
+               stretch: float = 0.0, hint: Sequence[bool] = ()) -> Tuple[List[Any], List[str], List[str]]:
     """Plan synth items; return ``(items, prompts, answers)`` (letter answers, or the answer text for
-    open questions). ``stretch`` > 0 lengthens the events (``event_frames_at``), a training curriculum."""
+    open questions). ``stretch`` > 0 lengthens the events (``event_frames_at``), a training curriculum;
+    ``hint[i]`` puts ``hint_text`` before item ``i``'s question (another one)."""
     from ..video import synth
 
     ev = event_frames_at(geom.frames, stretch) if stretch > 0 else None
@@ -510,11 +527,12 @@ def plan_items(kinds: Sequence[str], geom: Geometry, seeds: Sequence[int], open_
         it = synth.plan_clip(kind, frames=geom.frames, width=geom.width, height=geom.height, fps=geom.fps,
                              seed=int(seed), event_frames=ev)
         items.append(it)
+        prefix = hint_text(it) + "\n" if i < len(hint) and hint[i] else ""
         if i < len(open_question) and open_question[i]:
-            prompts.append(it.question + "\nAnswer with a word or a short phrase.")
+            prompts.append(prefix + it.question + "\nAnswer with a word or a short phrase.")
             answers.append(it.answer_text)
         else:
-            prompts.append(it.prompt())
+            prompts.append(prefix + it.prompt())
             answers.append(it.answer)
     return items, prompts, answers
 
@@ -826,7 +844,7 @@ def _load_base(base: Optional[Path]) -> Tuple[Any, Path]:
     return AutoProcessor.from_pretrained(path), path
 
 
-def build_model(processor: Any, seed: int = 0) -> Any:
+def build_model(processor: Any, seed: int = 0, layers: int = 4) -> Any:
     """A fresh ``Qwen2_5_VLForConditionalGeneration`` with ``trained_config_kwargs`` for this tokenizer."""
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -835,7 +853,9 @@ def build_model(processor: Any, seed: int = 0) -> Any:
     tok = processor.tokenizer
     token_ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = -(-len(tok) // 64) * 64
-    config = Qwen2_5_VLConfig(**trained_config_kwargs(vocab_size, token_ids))
+    kw = trained_config_kwargs(vocab_size, token_ids)
+    kw["text_config"]["num_hidden_layers"] = int(layers)
+    config = Qwen2_5_VLConfig(**kw)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -874,7 +894,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                                                                    attn_implementation="sdpa")
         logger.info("initialised from %s", args.init)
     else:
-        model = build_model(processor, seed=args.seed)
+        model = build_model(processor, seed=args.seed, layers=args.layers)
     _STATE["config"] = model.config
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2f M parameters (transformers %s, torch %s, %s)", n_params / 1e6,
@@ -925,6 +945,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     kinds = list(args.kinds or synth.KINDS)
     curve: List[Dict[str, Any]] = []
     loss_acc, first_acc, n_acc, tok_acc, aux_acc, aux_n, letter_acc, letter_n = 0.0, 0.0, 0, 0, 0.0, 0, 0.0, 0
+    hint_hits, hint_n = 0.0, 0
     skipped = 0
     step = 0
     t_train = time.perf_counter()
@@ -942,12 +963,14 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         batch_kinds = [rng.choice(kinds) for _ in range(bsz)]
         seeds = [rng.randrange(HELD_OUT_SEEDS, 2**31 - 1) for _ in range(bsz)]
         open_q = [rng.random() < args.open_questions for _ in range(bsz)]
+        hint_p = args.hint * max(0.0, 1.0 - progress / args.hint_until) if args.hint_until > 0 else 0.0
+        hints = [rng.random() < hint_p for _ in range(bsz)]
         legacy = rng.random() < args.legacy_rope
         # event-length curriculum: long events (many needle tokens) first, synth's default by --stretch-until
         stretch = max(0.0, 1.0 - progress / args.stretch_until) if args.stretch_until > 0 else 0.0
         if stretch > 0 and rng.random() < 0.25:
             stretch = 0.0  # keep some default-length events throughout
-        items, prompts, answers = plan_items(batch_kinds, geom, seeds, open_q, stretch=stretch)
+        items, prompts, answers = plan_items(batch_kinds, geom, seeds, open_q, stretch=stretch, hint=hints)
         text = {k: v.to(device, non_blocking=True) for k, v in builder.text_batch(prompts, answers, geom, legacy).items()}
         use_aux = args.aux_weight > 0 and progress < args.aux_until
         pix = builder.pixels(items, geom, device, render=args.render, mp4=True, noise=1.5, generator=gen,
@@ -1003,11 +1026,14 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 letter_acc += F.cross_entropy(logits[first][mc], tgt[first][mc])
                 letter_n += 1
             loss_acc += loss.detach()
-            first_acc += hit.sum()
+            hinted = torch.tensor(hints, device=device)
+            first_acc += (hit & ~hinted).sum()
+            hint_hits += (hit & hinted).sum()
+            hint_n += int((mc & hinted).sum())
             if aux_loss is not None:
                 aux_acc += aux_loss.detach()
                 aux_n += 1
-            n_acc += sum(not o for o in open_q)
+            n_acc += sum((not o) and (not h) for o, h in zip(open_q, hints))
         tok_acc += geom.tokens * bsz
         step += 1
         if step % args.log_every == 0:
@@ -1016,15 +1042,18 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             el = time.perf_counter() - t_train
             letter_v = float(letter_acc) / max(1, letter_n)
             aux_v = float(aux_acc) / aux_n if aux_n else None
+            hint_v = float(hint_hits) / hint_n if hint_n else None
             curve.append({"step": step, "time_s": round(el, 1), "progress": round(progress, 3), "lr": lr,
                           "loss": round(loss_v, 4), "letter_loss": round(letter_v, 4),
                           "aux_loss": None if aux_v is None else round(aux_v, 4), "train_mc_acc": round(acc_v, 3),
+                          "train_hinted_acc": None if hint_v is None else round(hint_v, 3),
                           "video_tokens_per_s": round(tok_acc / max(el, 1e-9)), "skipped_steps": skipped})
-            logger.info("step %d  %.0fs  p=%.2f  loss %.4f  letter loss %.4f  aux %s  mc acc %.3f  (last geom %s, "
-                        "%d tok x %d)", step, el, progress, loss_v, letter_v,
-                        "-" if aux_v is None else f"{aux_v:.4f}", acc_v,
+            logger.info("step %d  %.0fs  p=%.2f  loss %.4f  letter loss %.4f  aux %s  mc acc %.3f  hinted %s  "
+                        "(last geom %s, %d tok x %d)", step, el, progress, loss_v, letter_v,
+                        "-" if aux_v is None else f"{aux_v:.4f}", acc_v, "-" if hint_v is None else f"{hint_v:.3f}",
                         (geom.frames, geom.nframes, geom.height, geom.width), geom.tokens, bsz)
             loss_acc, first_acc, n_acc, aux_acc, aux_n, letter_acc, letter_n = 0.0, 0.0, 0, 0.0, 0, 0.0, 0
+            hint_hits, hint_n = 0.0, 0
     train_s = time.perf_counter() - t_train
     hook.remove()
     logger.info("trained %d steps in %.1f s", step, train_s)
@@ -1110,6 +1139,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-until", type=float, default=0.8, help="progress after which the auxiliary loss is off")
     p.add_argument("--stretch-until", type=float, default=0.5,
                    help="progress by which the event-length curriculum reaches synth's default (0: off)")
+    p.add_argument("--hint", type=float, default=0.5,
+                   help="fraction of items with a text hint stating the answer at the start (curriculum; 0: off)")
+    p.add_argument("--hint-until", type=float, default=0.5,
+                   help="progress by which the hint fraction decays linearly to 0")
+    p.add_argument("--layers", type=int, default=4, help="language model layers (default 4)")
     p.add_argument("--short-until", type=float, default=0.3, help="progress until which clips stay <= 384 tokens")
     p.add_argument("--ramp-end", type=float, default=0.7, help="progress at which clips reach --max-tokens")
     p.add_argument("--kinds", nargs="+", default=None, help="question kinds to train on (default: all)")
