@@ -30,7 +30,7 @@ SPECS: Dict[str, Dict[str, Any]] = {
     # 16-frame clips (4 s at 4 fps): every frame can be given to the model.
     "psa_synth_short": dict(n=32, kind="mixed", frames=16, fps=4.0, width=224, height=168, seed=1),
     # 128-frame clips (16 s at 8 fps): needles last 10 frames, visible to any even sampling of >= 16 frames.
-    "psa_synth_long": dict(n=32, kind="mixed", frames=128, fps=8.0, width=224, height=168, seed=2),
+    "psa_synth_long": dict(n=64, kind="mixed", frames=128, fps=8.0, width=224, height=168, seed=2),
 }
 
 logger = logging.getLogger("psa_synth")
