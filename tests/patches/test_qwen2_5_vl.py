@@ -100,7 +100,7 @@ def _messages(video_path, question):
 QUESTIONS = (
     "What is happening?",
     # 32 tokens longer than the first question: left padding of exactly two 16-token blocks
-    "What is happening? please tell me exactly what the red square does in the video and answer with one word",
+    "What is happening? please tell me exactly what the red square does in the video and answer with one word right now",
 )
 
 
