@@ -29,10 +29,10 @@ for part in $parts; do
       export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HOME="${HF_HOME:-$(mktemp -d)}"
       python3 eval/tasks/psa_synth/utils.py || rc=1
       margs="device_map=cuda,max_num_frames=128,min_pixels=3136,max_pixels=37632,min_seq_len=256,block_size=64"
-      python3 -m psa_vlm.cli eval-sweep --model psa_vlm/data/tiny_trained --tasks psa_synth_long \
+      python3 -m psa_vlm.cli eval-sweep --model psa_vlm/data/tiny_trained --tasks psa_synth_long ${SWEEP_ARGS:-} \
         --presets "${SWEEP_PRESETS:-dense,paper,quota-0.1,quota-0.2,quota-0.3,binary-0.1,binary-0.2,binary-0.3}" \
         --model-args "$margs" --out eval/results/sweep-tiny-synth 2>&1 | grep -v "^INFO\|it/s\]" || rc=1
-      python3 -m psa_vlm.cli eval-sweep --model psa_vlm/data/tiny_trained --tasks psa_synth_short \
+      python3 -m psa_vlm.cli eval-sweep --model psa_vlm/data/tiny_trained --tasks psa_synth_short ${SWEEP_ARGS:-} \
         --presets dense,paper,quota-0.2,binary-0.2 --model-args "$margs" --out eval/results/sweep-tiny-synth-short \
         2>&1 | grep -v "^INFO\|it/s\]" || rc=1
       if [ -n "${OUT:-}" ]; then tar -czf "$OUT/sweep.tar.gz" eval/results/sweep-tiny-synth eval/results/sweep-tiny-synth-short; fi ;;

@@ -4,7 +4,7 @@ One model instance (``qwen2_5_vl_psa``) is loaded once and re-configured per pre
 pair is one in-process ``lmms_eval.evaluator.simple_evaluate`` call (no CLI start-up per run), with a
 ``TaskManager`` that includes the repository's offline tasks (``eval/tasks``). Each finished pair is written
 to ``OUT/runs/<task>__<preset>.json`` at once, so an interrupted sweep resumes where it stopped (a result
-is reused when its model, model args and limit match; ``--redo`` runs everything again).
+is reused when its model, weights fingerprint, model args and limit match; ``--redo`` runs everything again).
 
 Outputs, rebuilt from the run files after every sweep:
 
@@ -64,7 +64,7 @@ TINY_MODEL_ARGS = {
     "min_seq_len": 64,
 }
 _METRIC_PRIORITY = ("accuracy", "acc", "exact_match", "score")
-RUN_FORMAT = 2
+RUN_FORMAT = 3
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -148,6 +148,27 @@ def family_of(preset: str) -> str:
     if preset.startswith("binary"):
         return "binary"
     return "pyramid"
+
+
+def weights_fingerprint(model_dir: Path, chunk: int = 1 << 20) -> str:
+    """A cheap fingerprint of a checkpoint's weights: ``config.json`` and, per ``*.safetensors`` file, its size
+    and the SHA-256 of its first and last MiB (retrained weights change both; hashing whole multi-GB shards
+    would not be cheap). A sweep resumes a saved run only when this matches."""
+    import hashlib
+
+    h = hashlib.sha256()
+    model_dir = Path(model_dir)
+    cfg = model_dir / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(chunk))
+            fh.seek(max(0, size - chunk))
+            h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
 
 
 def run_file(out: Path, task: str, preset: str) -> Path:
@@ -389,7 +410,8 @@ def main(args: argparse.Namespace) -> int:
     include = [str(p) for p in (args.include_path or [])]
     if not include and default_include_path() is not None:
         include = [str(default_include_path())]
-    signature = {"model": str(model_dir), "model_args": {k: str(v) for k, v in sorted(model_args.items())},
+    signature = {"model": str(model_dir), "weights": weights_fingerprint(model_dir),
+                 "model_args": {k: str(v) for k, v in sorted(model_args.items())},
                  "limit": limit, "format": RUN_FORMAT}
 
     pairs = [(t, p) for p in presets for t in tasks]

@@ -139,3 +139,19 @@ def test_sweep_rejects_bad_input(tmp_path, capsys):
     assert main(["eval-sweep", "--model-args", "novalue"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("psa-vlm eval-sweep: error:") for line in err)
+
+
+def test_sweep_weights_fingerprint_tracks_retrained_weights(tiny_checkpoint, tmp_path):
+    """A resumed sweep must not reuse runs of other weights under the same directory name."""
+    import shutil
+
+    from psa_vlm.eval.sweep import weights_fingerprint
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    assert weights_fingerprint(copy) == weights_fingerprint(tiny_checkpoint)
+    f = copy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF  # one byte of the last tensor, as retraining would change it
+    f.write_bytes(bytes(data))
+    assert weights_fingerprint(copy) != weights_fingerprint(tiny_checkpoint)
