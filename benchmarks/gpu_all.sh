@@ -25,7 +25,8 @@ for part in $parts; do
       python3 -m psa_vlm.cli bench-prefill --seq-lens "${PREFILL_LENS:-16384,32768,65536,131072}" ${PREFILL_ARGS:-} 2>&1 | grep -v "^INFO" || rc=1 ;;
     sweep)
       # accuracy against sparsity of the shipped trained tiny model on the offline lmms-eval tasks (needs
-      # lmms-eval, qwen-vl-utils, decord and av: carry them as wheels, see docs/PERFORMANCE.md)
+      # lmms-eval, qwen-vl-utils, decord and av: carry them as wheels, see benchmarks/device_wheels/README.md);
+      # SWEEP_ARGS=--redo re-runs pairs already in eval/results (a sweep resumes only runs of the same weights)
       export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HOME="${HF_HOME:-$(mktemp -d)}"
       python3 eval/tasks/psa_synth/utils.py || rc=1
       margs="device_map=cuda,max_num_frames=128,min_pixels=3136,max_pixels=37632,min_seq_len=256,block_size=64"
@@ -38,8 +39,8 @@ for part in $parts; do
       if [ -n "${OUT:-}" ]; then tar -czf "$OUT/sweep.tar.gz" eval/results/sweep-tiny-synth eval/results/sweep-tiny-synth-short; fi ;;
     dp)
       # data-parallel lmms-eval (accelerate, one process per GPU) with the PSA model: a random model with
-      # Qwen2.5-VL-7B-shaped layers on the offline task; the same documents in one process must give the
-      # same answers and densities
+      # Qwen2.5-VL-7B-shaped layers on the offline task, run once in one process and once over all GPUs;
+      # compare_dp.py checks every document came back once, PSA engaged and the densities agree
       export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HOME="${HF_HOME:-$(mktemp -d)}"
       ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
       python3 benchmarks/make_7b_shaped.py /tmp/qwen7b_shaped --layers "${DP_LAYERS:-4}" || rc=1
