@@ -26,15 +26,14 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    from transformers import AutoProcessor, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from psa_vlm.models.tiny import SPECIAL_TOKENS, build_tiny_checkpoint, tiny_config_kwargs
+    from psa_vlm.models.tiny import build_tiny_checkpoint, generation_config, tiny_config_kwargs, token_ids_and_vocab
 
     base = build_tiny_checkpoint(args.out.parent / (args.out.name + "-tiny-base"))
     processor = AutoProcessor.from_pretrained(base)
-    tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    kw = copy.deepcopy(tiny_config_kwargs(-(-len(tok) // 64) * 64, ids))
+    ids, vocab_size = token_ids_and_vocab(processor.tokenizer)
+    kw = copy.deepcopy(tiny_config_kwargs(vocab_size, ids))
     kw["text_config"].update(hidden_size=3584, intermediate_size=18944, num_hidden_layers=args.layers,
                              num_attention_heads=28, num_key_value_heads=4, head_dim=128)
     kw["text_config"]["rope_parameters"] = dict(kw["text_config"]["rope_parameters"], mrope_section=[16, 24, 24])
@@ -45,9 +44,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).eval()
-    model.generation_config = GenerationConfig(bos_token_id=ids["<|endoftext|>"],
-                                               eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                                               pad_token_id=ids["<|endoftext|>"], do_sample=False)
+    model.generation_config = generation_config(ids)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     n = sum(p.numel() for p in model.parameters())

@@ -40,6 +40,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
     "tiny_config_kwargs",
+    "token_ids_and_vocab",
+    "generation_config",
     "build_tiny_checkpoint",
     "default_tiny_checkpoint",
     "add_arguments",
@@ -199,6 +201,24 @@ def tiny_config_kwargs(vocab_size: int, token_ids: Dict[str, int]) -> Dict[str, 
     }
 
 
+def token_ids_and_vocab(tokenizer: Any) -> Tuple[Dict[str, int], int]:
+    """Ids of ``SPECIAL_TOKENS`` in ``tokenizer`` and the embedding rows for it (its length rounded up to 64)."""
+    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return token_ids, -(-len(tokenizer) // 64) * 64
+
+
+def generation_config(token_ids: Dict[str, int]) -> Any:
+    """Greedy ``GenerationConfig`` that stops at ``<|im_end|>`` or ``<|endoftext|>`` (also the pad token)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=token_ids["<|endoftext|>"],
+        eos_token_id=[token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
+        pad_token_id=token_ids["<|endoftext|>"],
+        do_sample=False,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 def _corpus() -> List[str]:
     """Deterministic training text for the BPE (a few sentences, repeated with small variations)."""
@@ -294,7 +314,6 @@ def _write_checkpoint(path: Path, seed: int) -> None:
     """Build the model and processor and ``save_pretrained`` both into ``path`` (an existing empty dir)."""
     import torch
     from transformers import (
-        GenerationConfig,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -303,20 +322,14 @@ def _write_checkpoint(path: Path, seed: int) -> None:
     )
 
     tokenizer = _build_tokenizer()
-    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // 64) * 64
+    token_ids, vocab_size = token_ids_and_vocab(tokenizer)
     config = Qwen2_5_VLConfig(**tiny_config_kwargs(vocab_size, token_ids))
 
     # Deterministic weights without touching the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=token_ids["<|endoftext|>"],
-        eos_token_id=[token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
-        pad_token_id=token_ids["<|endoftext|>"],
-        do_sample=False,
-    )
+    model.generation_config = generation_config(token_ids)
 
     proc_kwargs = dict(min_pixels=_MIN_PIXELS, max_pixels=_MAX_PIXELS, patch_size=14, temporal_patch_size=2,
                        merge_size=2)

@@ -853,13 +853,11 @@ def _load_base(base: Optional[Path]) -> Tuple[Any, Path]:
 
 def build_model(processor: Any, seed: int = 0, layers: int = 4) -> Any:
     """A fresh ``Qwen2_5_VLForConditionalGeneration`` with ``trained_config_kwargs`` for this tokenizer."""
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .tiny import SPECIAL_TOKENS
+    from .tiny import generation_config, token_ids_and_vocab
 
-    tok = processor.tokenizer
-    token_ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tok) // 64) * 64
+    token_ids, vocab_size = token_ids_and_vocab(processor.tokenizer)
     kw = trained_config_kwargs(vocab_size, token_ids)
     kw["text_config"]["num_hidden_layers"] = int(layers)
     config = Qwen2_5_VLConfig(**kw)
@@ -867,12 +865,7 @@ def build_model(processor: Any, seed: int = 0, layers: int = 4) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=token_ids["<|endoftext|>"],
-        eos_token_id=[token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
-        pad_token_id=token_ids["<|endoftext|>"],
-        do_sample=False,
-    )
+    model.generation_config = generation_config(token_ids)
     return model
 
 
