@@ -1,8 +1,8 @@
-"""GPU check and timing of the Triton sparse attention kernel (a developer script, not imported by the library).
+"""GPU check and timing of the Triton sparse attention kernel (a developer script kept outside the package).
 
 Run on an H100/H200 from the repository root::
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 PSA_VLM_TEST_GPU=1 python3 -m psa_vlm.kernels.attention.devcheck [--sweep]
+    PYTHONPATH=. PYTHONUNBUFFERED=1 PSA_VLM_TEST_GPU=1 python3 benchmarks/devcheck_attention.py [--sweep]
 
 1. Correctness: bfloat16/float16 kernel vs the float32 reference (``naive.sparse_attention`` on the GPU) at
    Qwen2.5-VL-7B shapes (28/4 heads, D 128), NaN-poisoned transposed output buffers; the all-full list vs
@@ -29,12 +29,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ...config import PSAConfig
-from ..assign.naive import assign_levels, build_block_lists
-from ..geometry import cdiv
-from ..pool.naive import pyramid_pool
-from . import kernel as K
-from .naive import sparse_attention as reference
+from psa_vlm.config import PSAConfig
+from psa_vlm.kernels.assign.naive import assign_levels, build_block_lists
+from psa_vlm.kernels.geometry import cdiv
+from psa_vlm.kernels.pool.naive import pyramid_pool
+from psa_vlm.kernels.attention import kernel as K
+from psa_vlm.kernels.attention.naive import sparse_attention as reference
 
 Hq, Hkv, D, BQ, BK = 28, 4, 128, 128, 128
 POOL = (2, 4, 8)

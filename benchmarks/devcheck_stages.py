@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root::
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 PSA_VLM_TEST_GPU=1 python3 -m psa_vlm.kernels.devcheck_stages \\
+    PYTHONPATH=. PYTHONUNBUFFERED=1 PSA_VLM_TEST_GPU=1 python3 benchmarks/devcheck_stages.py \\
         [--lengths 16384 32768 65536] [--variants] [--out DIR] [--profile-estimate L]
 
 1. Correctness, bf16 inputs, references in float32 on the same GPU: ``pyramid_pool`` (video-like keys, so the
@@ -128,11 +128,13 @@ def ceilings(dev: torch.device) -> Dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- timing
 ESTIMATOR_VARIANTS: List[dict] = [
-    dict(BN=256, BKD=64, num_warps=8, num_stages=3, FLAT=False),
-    dict(BN=256, BKD=64, num_warps=8, num_stages=4, FLAT=False),
-    dict(BN=256, BKD=32, num_warps=8, num_stages=5, FLAT=False),
-    dict(ROWS=256, BN=128, BKD=64, num_warps=8, num_stages=3, FLAT=False),
-    dict(BN=256, BKD=64, num_warps=8, num_stages=3, FLAT=True),
+    dict(BN=256, BKD=64, num_warps=8, num_stages=3, FLAT=False),  # shipped default (v3)
+    dict(ROWS=64, BN=256, BKD=64, num_warps=4, num_stages=2, FLAT=False),  # half the rows: 2 CTAs/SM fit
+    dict(ROWS=64, BN=256, BKD=64, num_warps=4, num_stages=3, FLAT=False),
+    dict(ROWS=64, BN=128, BKD=128, num_warps=4, num_stages=2, FLAT=False),
+    dict(ROWS=128, BN=128, BKD=64, num_warps=4, num_stages=3, FLAT=False),
+    dict(BN=256, BKD=64, num_warps=8, num_stages=3, FLAT=False, PROGRAMS=132),  # one program per SM
+    dict(BN=256, BKD=128, num_warps=8, num_stages=2, FLAT=False),
 ]
 POOL_VARIANTS: List[dict] = [dict(CH=64, num_warps=4), dict(CH=64, num_warps=8), dict(CH=32, num_warps=4),
                              dict(CH=128, num_warps=8)]
