@@ -24,11 +24,14 @@ from .config import PSAConfig
 from .kernels.assign.naive import KV_FORCE_FULL, KV_NEEDS_FULL, KV_SKIP
 from .kernels.geometry import FACTOR_ORDER, block_masks, cdiv
 
-__all__ = ["LevelMap", "PSAPlan", "psa_attention", "build_level_map", "run_psa"]
+__all__ = ["BACKENDS", "LevelMap", "PSAPlan", "psa_attention", "build_level_map", "run_psa", "resolve_backend"]
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS = ("auto", "triton", "reference")
+#: Backend names accepted by every entry point: ``"auto"`` (FlashAttention-4 where it runs, else Triton, on CUDA
+#: tensors; the PyTorch reference on the CPU), ``"fa4"``, ``"triton"``, ``"reference"``.
+BACKENDS = ("auto", "fa4", "triton", "reference")
+_BACKENDS = BACKENDS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -98,6 +101,8 @@ class PSAPlan:
     v_pooled: torch.Tensor
     pool_factors: Tuple[int, ...]
     kv_flags: Optional[torch.Tensor]
+    #: Set when the dense guard ran dense attention instead of the sparse stage (``PSAConfig.dense_guard``).
+    dense_reason: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -153,25 +158,60 @@ def _validate(q, k, v, scale, key_padding_mask, token_types, backend) -> None:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend a call on ``device`` runs: ``"fa4"``, ``"triton"`` or ``"reference"``.
+
+    ``"auto"``: on CUDA, ``"fa4"`` when FlashAttention-4 imports and the device has compute capability 9.x or
+    newer (its first import takes a few seconds), else ``"triton"``; on the CPU, ``"reference"``.
+    ``"fa4"`` runs pooling, estimation and level assignment in Triton and the attention stage on
+    FlashAttention-4's block-sparse forward (calls it cannot express go to the Triton kernel, with a log line).
+
+    Raises:
+        ValueError: Unknown name, or ``"triton"``/``"fa4"`` on a device they cannot run on.
+        ImportError: ``"fa4"`` asked for but flash-attn-4 does not import (the message names the install).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if backend == "triton" and device.type != "cuda" and not interpret:
+        if device.type != "cuda":
+            return "reference"
+        from .kernels.attention.fa4 import fa4_available
+
+        return "fa4" if fa4_available(device) else "triton"
+    if backend in ("triton", "fa4") and device.type != "cuda" and not interpret:
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {device}); use backend='reference' on the CPU or set "
-            "TRITON_INTERPRET=1 before importing psa_vlm to run the kernels under the Triton interpreter"
+            f"backend={backend!r} needs CUDA tensors (got {device}); use backend='reference' on the CPU or set "
+            "TRITON_INTERPRET=1 before importing psa_vlm to run the Triton kernels under the Triton interpreter"
         )
+    if backend == "fa4" and device.type == "cuda":
+        from .kernels.attention.fa4 import FA4_INSTALL_HINT, fa4_import_error
+
+        err = fa4_import_error()
+        if err is not None:
+            raise ImportError(f"backend='fa4' needs FlashAttention-4, which does not import ({err}); {FA4_INSTALL_HINT}")
+        if torch.cuda.get_device_capability(device)[0] < 9:
+            raise ValueError(
+                f"backend='fa4' needs a GPU of compute capability 9.0 or newer (Hopper), got "
+                f"{torch.cuda.get_device_capability(device)} on {device}; use backend='triton'"
+            )
     return backend
+
+
+_resolve_backend = resolve_backend
 
 
 def _ops(backend: str):
     """``(pyramid_pool, block_importance, assign_levels, sparse_attention)`` for a backend."""
-    if backend == "triton":
+    if backend in ("triton", "fa4"):
         from .kernels.assign.kernel import assign_levels
-        from .kernels.attention.kernel import sparse_attention
         from .kernels.estimate.kernel import block_importance
         from .kernels.pool.kernel import pyramid_pool
+
+        if backend == "fa4":
+            from .kernels.attention.fa4 import sparse_attention
+        else:
+            from .kernels.attention.kernel import sparse_attention
     else:
         from .kernels.assign.naive import assign_levels
         from .kernels.attention.naive import sparse_attention
@@ -329,6 +369,14 @@ def run_psa(
     )
     if plan_only:
         return None, plan
+    if config.dense_guard and level_map is None and not config.dense and key_padding_mask is None:
+        dense = _guarded_dense(be, plan.level_map, q, k, v, scale)
+        if dense is not None:
+            plan.dense_reason, o = dense
+            if out is not None:
+                out.copy_(o)
+                o = out
+            return o, plan
     o = sparse_attention(
         q,
         k,
@@ -345,6 +393,31 @@ def run_psa(
         out=out,
     )
     return o, plan
+
+
+def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float):
+    """``(reason, dense output)`` when the cost model says dense attention is faster than the plan, else ``None``.
+
+    Reads the level histogram on the host (one synchronisation). Dense attention is the fastest available:
+    FlashAttention-4's for the ``fa4`` backend, SDPA (cuDNN/flash, bottom-right causal) for ``triton`` when
+    ``Lq == Lk``; the Triton backend keeps the sparse stage for ``Lq < Lk`` (SDPA's ``is_causal`` is top-left).
+    """
+    from .cost import dense_guard_reason
+
+    if backend not in ("fa4", "triton") or q.device.type != "cuda" or q.dtype == torch.float32:
+        return None
+    if backend == "triton" and q.shape[2] != k.shape[2]:
+        return None
+    reason = dense_guard_reason(backend, level_map.histogram_tensor().tolist())
+    if reason is None:
+        return None
+    logger.debug("PSA dense guard: %s", reason)
+    if backend == "fa4":
+        from .kernels.attention.fa4 import dense_attention
+
+        return reason, dense_attention(q, k, v, scale=scale)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return reason, o
 
 
 def psa_attention(
@@ -375,8 +448,10 @@ def psa_attention(
             and a query row that sees no real key gives zeros.
         token_types: Optional int ``[B, Lk]``: 0 text, non-zero visual (video/image placeholder); text blocks
             are kept at full resolution. Without it the last ``config.text_tail`` tokens count as text.
-        backend: ``"auto"`` (Triton on CUDA tensors, the PyTorch reference on the CPU), ``"triton"`` or
-            ``"reference"``.
+        backend: ``"auto"`` (FlashAttention-4 where installed on a Hopper-or-newer GPU, else Triton, on CUDA
+            tensors; the PyTorch reference on the CPU), ``"fa4"``, ``"triton"`` or ``"reference"``
+            (``resolve_backend``). On the GPU backends ``config.dense_guard`` may run dense attention instead
+            of the sparse stage when that is predicted faster (``psa_vlm.cost``).
 
     Returns:
         ``[B, Hq, Lq, D]`` in ``q``'s dtype.

@@ -55,6 +55,10 @@ class PSAConfig:
         sink_blocks: Number of leading KV blocks always kept at full resolution (attention sink).
         dense: If true every causally visible block is full resolution (the ``"dense"`` preset): exact
             causal attention with no estimation.
+        dense_guard: On the GPU backends, run dense attention instead of the sparse stage when the level map's
+            predicted cost (``psa_vlm.cost``) is not below the fastest dense attention's (one host read of the
+            level histogram per call; recorded in the plan and in ``psa_stats``). Not applied with a given
+            level map, a key padding mask, or ``Lq < Lk`` on the Triton backend.
     """
 
     block_q: int = 128
@@ -69,6 +73,7 @@ class PSAConfig:
     text_tail: int = 512
     sink_blocks: int = 1
     dense: bool = False
+    dense_guard: bool = True
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -139,6 +144,8 @@ class PSAConfig:
                 raise ValueError(f"PSAConfig.sim_thresholds must lie in [-1, 1], got {self.sim_thresholds!r}")
         if not isinstance(self.dense, bool):
             raise ValueError(f"PSAConfig.dense must be a bool, got {self.dense!r}")
+        if not isinstance(self.dense_guard, bool):
+            raise ValueError(f"PSAConfig.dense_guard must be a bool, got {self.dense_guard!r}")
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -1,10 +1,12 @@
-"""``psa-vlm bench-attention``: one attention layer at Qwen2.5-VL-7B shapes, PSA stages against dense SDPA.
+"""``psa-vlm bench-attention``: one attention layer at Qwen2.5-VL-7B shapes, PSA stages against dense attention.
 
-For every length and preset, in one run: correctness of each Triton stage against the PyTorch reference
-(pool, estimate, assign on the same inputs; attention on sampled query blocks), then CUDA-event medians of
-dense SDPA (GQA), of each stage (pool, estimate, assign, attend) and of the whole ``psa_attention`` call, the
-density and level histogram, and the extra GPU memory of the call. A speed-up is printed only for a
-configuration whose checks passed in this run. Rows are appended to ``eval/results/attention.csv``.
+For every length and preset, in one run: correctness of each stage of the chosen backend against the PyTorch
+reference (pool, estimate, assign on the same inputs; attention on sampled query blocks), then CUDA-event medians
+of every dense baseline a user has (cuDNN SDPA, FlashAttention-2 through SDPA's flash backend, FlashAttention-4
+dense when installed), of each stage (pool, estimate, assign, attend) and of the whole ``psa_attention`` call, the
+density, level histogram, whether the dense guard ran dense attention, and the extra GPU memory of the call. The
+speed-up is against the *fastest* dense baseline of the run (and, separately, against cuDNN SDPA); it is printed
+only for a configuration whose checks passed in this run. Rows are appended to ``eval/results/attention.csv``.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from .common import append_csv, binary_config_at_density, environment, median_ms
 logger = logging.getLogger(__name__)
 
 COLUMNS = [
-    "gpu", "seq_len", "preset", "density", "dense_ms", "psa_ms", "speedup",
+    "gpu", "seq_len", "preset", "backend", "density", "dense_ms", "fastest_dense", "psa_ms", "speedup",
+    "speedup_vs_cudnn", "dense_cudnn_ms", "dense_fa2_ms", "dense_fa4_ms", "dense_guard",
     "pool_ms", "estimate_ms", "assign_ms", "attend_ms", "overhead_pct_of_dense", "attend_over_ideal",
     "full", "pool2", "pool4", "pool8", "skip", "extra_mem_mb", "kv_mb", "check", "max_rel_err",
     "input", "heads", "kv_heads", "head_dim", "dtype", "torch", "triton", "commit",
 ]
 MD_COLUMNS = [
-    "seq_len", "preset", "density", "dense_ms", "psa_ms", "speedup", "pool_ms", "estimate_ms", "assign_ms",
-    "attend_ms", "overhead_pct_of_dense", "attend_over_ideal", "extra_mem_mb", "kv_mb", "check",
+    "seq_len", "preset", "backend", "density", "dense_cudnn_ms", "dense_fa2_ms", "dense_fa4_ms", "psa_ms",
+    "speedup", "speedup_vs_cudnn", "pool_ms", "estimate_ms", "assign_ms", "attend_ms", "overhead_pct_of_dense",
+    "attend_over_ideal", "dense_guard", "extra_mem_mb", "check",
 ]
 DEFAULT_PRESETS = "quota-0.1,binary-0.1,quota-0.2,binary-0.2,quota-0.3,binary-0.3,paper,binary@paper"
 
@@ -48,21 +52,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     p.add_argument("--out", default="eval/results/attention.csv", help="CSV to append to ('' for none)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks (no speed-ups printed)")
+    p.add_argument("--backend", default="auto", choices=("auto", "fa4", "triton"),
+                   help="PSA backend (auto: FlashAttention-4 attend stage where installed, else Triton)")
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _dense_fn(q, k, v):
+def dense_baselines(q, k, v, rep: int) -> Dict[str, float]:
+    """Medians (ms) of every dense causal attention available: ``cudnn`` and ``fa2`` (SDPA backends, GQA without
+    copies) and ``fa4`` (FlashAttention-4, when installed); a baseline that cannot run is left out."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    G = q.shape[1] // k.shape[1]
-    if hasattr(F, "scaled_dot_product_attention"):
+    from ..kernels.attention.fa4 import dense_attention, fa4_available
+
+    res: Dict[str, float] = {}
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
+        def fn(be=be):
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
         try:
-            F.scaled_dot_product_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], is_causal=True, enable_gqa=True)
-            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        except (TypeError, RuntimeError):
-            pass
-    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    return lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+            fn()
+        except RuntimeError as exc:
+            logger.warning("dense baseline %s unavailable: %s", name, str(exc).splitlines()[0][:120])
+            continue
+        res[name] = median_ms(fn, rep=rep)
+    if fa4_available(q.device):
+        res["fa4"] = median_ms(lambda: dense_attention(q, k, v), rep=rep)
+    if not res:
+        raise RuntimeError("no dense attention baseline could run")
+    return res
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,19 +94,20 @@ def _config_for(name: str, measured: Dict[str, float], q: torch.Tensor, k: torch
         if base not in measured:
             raise ValueError(f"{name}: run preset {base!r} earlier in --presets to match its density")
         cfg, _ = binary_config_at_density(q, k, measured[base], backend="triton")
+        cfg = cfg.replace(dense_guard=PSAConfig.preset(base).dense_guard)
         return cfg
     return PSAConfig.preset(name)
 
 
-def check_stages(q, k, v, cfg: PSAConfig, tol: float = 1e-2) -> Dict[str, float]:
-    """Triton stages against the PyTorch reference on the same inputs; returns error measures."""
+def check_stages(q, k, v, cfg: PSAConfig, tol: float = 1e-2, backend: str = "triton") -> Dict[str, float]:
+    """The backend's stages against the PyTorch reference on the same inputs; returns error measures."""
     from ..api import _ops, block_flags
     from ..kernels.assign import naive as nassign
     from ..kernels.attention import naive as nattn
     from ..kernels.estimate import naive as nest
     from ..kernels.pool import naive as npool
 
-    t_pool, t_est, t_assign, t_attn = _ops("triton")
+    t_pool, t_est, t_assign, t_attn = _ops(backend)
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     bq, bk = cfg.block_q, cfg.block_k
@@ -133,11 +153,15 @@ def check_stages(q, k, v, cfg: PSAConfig, tol: float = 1e-2) -> Dict[str, float]
     return res
 
 
-def bench_one(q, k, v, cfg: PSAConfig, dense_ms: float, rep: int) -> Dict[str, float]:
-    """Stage and whole-call timings (ms), density, histogram and extra memory for one configuration."""
+def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backend: str) -> Dict[str, float]:
+    """Stage and whole-call timings (ms), density, histogram and extra memory for one configuration.
+
+    ``dense`` holds the dense baselines of the run; the speed-up is against the fastest of them,
+    ``attend_over_ideal`` is the attend stage over ``density x cuDNN dense`` (the kernel issue's yardstick).
+    """
     from ..api import _ops, block_flags, run_psa
 
-    t_pool, t_est, t_assign, t_attn = _ops("triton")
+    t_pool, t_est, t_assign, t_attn = _ops(backend)
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     bq, bk = cfg.block_q, cfg.block_k
@@ -148,11 +172,12 @@ def bench_one(q, k, v, cfg: PSAConfig, dense_ms: float, rep: int) -> Dict[str, f
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out, plan = run_psa(q, k, v, cfg, backend="triton")
+    out, plan = run_psa(q, k, v, cfg, backend=backend)
     torch.cuda.synchronize()
     row["extra_mem_mb"] = (torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()) / 2**20
     del out
-    row["psa_ms"] = median_ms(lambda: run_psa(q, k, v, cfg, backend="triton"), rep=rep)
+    row["psa_ms"] = median_ms(lambda: run_psa(q, k, v, cfg, backend=backend), rep=rep)
+    row["dense_guard"] = "dense" if plan.dense_reason else ""
     lm = plan.level_map
     row["density"] = lm.density()
     row.update(lm.histogram())
@@ -181,9 +206,12 @@ def bench_one(q, k, v, cfg: PSAConfig, dense_ms: float, rep: int) -> Dict[str, f
                        scale=scale, out=o),
         rep=rep,
     )
-    row["speedup"] = dense_ms / row["psa_ms"]
-    row["overhead_pct_of_dense"] = 100.0 * (row["pool_ms"] + row["estimate_ms"] + row["assign_ms"]) / dense_ms
-    row["attend_over_ideal"] = row["attend_ms"] / (row["density"] * dense_ms)
+    fastest = min(dense.values())
+    cudnn = dense.get("cudnn", fastest)
+    row["speedup"] = fastest / row["psa_ms"]
+    row["speedup_vs_cudnn"] = cudnn / row["psa_ms"]
+    row["overhead_pct_of_dense"] = 100.0 * (row["pool_ms"] + row["estimate_ms"] + row["assign_ms"]) / cudnn
+    row["attend_over_ideal"] = row["attend_ms"] / max(row["density"] * cudnn, 1e-9)
     return row
 
 
@@ -194,7 +222,13 @@ def main(args: argparse.Namespace) -> int:
         raise CLIError("bench-attention needs a CUDA GPU (H100/H200); use `psa-vlm demo` on the CPU")
     from .synthetic import video_like_qkv
 
+    from ..api import resolve_backend
+
     env = environment()
+    try:
+        backend = resolve_backend(args.backend, torch.device("cuda"))
+    except (ImportError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
     seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
     presets = [x for x in args.presets.split(",") if x]
     results: List[Dict] = []
@@ -208,10 +242,11 @@ def main(args: argparse.Namespace) -> int:
             q = torch.randn(1, args.heads, L, args.head_dim, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, args.kv_heads, L, args.head_dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(1, args.kv_heads, L, args.head_dim, device="cuda", dtype=torch.bfloat16)
-        dense = _dense_fn(q, k, v)
-        dense_ms = median_ms(dense, rep=args.rep)
+        dense = dense_baselines(q, k, v, args.rep)
+        fastest = min(dense, key=dense.get)
+        dense_ms = dense[fastest]
         kv_mb = 2 * k.numel() * k.element_size() / 2**20
-        logger.info("L=%d dense SDPA %.2f ms", L, dense_ms)
+        logger.info("L=%d dense: %s", L, ", ".join(f"{n} {t:.2f} ms" for n, t in dense.items()))
         measured: Dict[str, float] = {}
         for name in presets:
             try:
@@ -220,19 +255,21 @@ def main(args: argparse.Namespace) -> int:
                 raise CLIError(str(exc)) from None
             chk: Optional[Dict[str, float]] = None
             if not args.no_check:
-                chk = check_stages(q, k, v, cfg)
-            row = bench_one(q, k, v, cfg, dense_ms, args.rep)
+                chk = check_stages(q, k, v, cfg, backend=backend)
+            row = bench_one(q, k, v, cfg, dense, args.rep, backend)
             measured[name] = row["density"]
             ok = chk is not None and chk["ok"] == 1.0
             row.update(env)
             row.update(
-                seq_len=L, preset=name, dense_ms=dense_ms, kv_mb=kv_mb, input=args.input, heads=args.heads,
+                seq_len=L, preset=name, backend=backend, dense_ms=dense_ms, fastest_dense=fastest, kv_mb=kv_mb,
+                dense_cudnn_ms=dense.get("cudnn", ""), dense_fa2_ms=dense.get("fa2", ""),
+                dense_fa4_ms=dense.get("fa4", ""), input=args.input, heads=args.heads,
                 kv_heads=args.kv_heads, head_dim=args.head_dim, dtype="bfloat16",
                 check=("pass" if ok else ("skipped" if chk is None else "FAIL")),
                 max_rel_err=(max(chk[x] for x in ("pool", "attention", "estimate") if x in chk) if chk else ""),
             )
             if not ok:
-                row["speedup"] = ""  # never print a speed-up that was not checked in this run
+                row["speedup"] = row["speedup_vs_cudnn"] = ""  # never print a speed-up not checked in this run
             for key in list(row):
                 if isinstance(row[key], float):
                     row[key] = round(row[key], 4)
@@ -246,20 +283,27 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         append_csv(Path(args.out), results, COLUMNS)
         write_markdown(
-            Path(args.out).with_suffix(".md"), results, MD_COLUMNS, "Attention layer: PSA against dense SDPA",
+            Path(args.out).with_suffix(".md"), results, MD_COLUMNS, "Attention layer: PSA against dense attention",
             f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; one layer, batch 1, "
             f"Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, causal, {args.input} inputs; "
-            "CUDA-event medians (ms); every row's Triton stages were checked against the PyTorch reference in the "
-            "same run before its speed-up was recorded.",
+            "CUDA-event medians (ms); `speedup` is against the fastest dense baseline of the run "
+            "(cuDNN SDPA, FlashAttention-2 via SDPA, FlashAttention-4 dense), `attend_over_ideal` is the attend "
+            "stage over density x cuDNN dense; every row's stages were checked against the PyTorch reference in "
+            "the same run before its speed-up was recorded.",
         )
     print(f"\nbench-attention on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}), "
-          f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16 causal, {args.input} inputs")
-    hdr = f"{'L':>6} {'preset':<13} {'dens':>5} {'dense':>7} {'psa':>7} {'x':>5} {'pool':>5} {'est':>6} {'asg':>5} {'attn':>7} {'ovh%':>5} {'at/id':>5} {'chk':>4}"
+          f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16 causal, {args.input} inputs, backend {backend}; "
+          "x = speed-up over the fastest dense, xcu = over cuDNN SDPA")
+    hdr = (f"{'L':>6} {'preset':<13} {'dens':>5} {'fastest':>13} {'psa':>7} {'x':>5} {'xcu':>5} {'pool':>5} "
+           f"{'est':>6} {'asg':>5} {'attn':>7} {'ovh%':>5} {'at/id':>5} {'grd':>5} {'chk':>4}")
     print(hdr)
     for r in results:
         sp = f"{r['speedup']:5.2f}" if r["speedup"] != "" else "  n/a"
-        print(f"{r['seq_len']:>6} {r['preset']:<13} {r['density']:5.3f} {r['dense_ms']:7.2f} {r['psa_ms']:7.2f} {sp} "
+        sc = f"{r['speedup_vs_cudnn']:5.2f}" if r["speedup_vs_cudnn"] != "" else "  n/a"
+        fd = f"{r['fastest_dense']} {r['dense_ms']:.1f}"
+        print(f"{r['seq_len']:>6} {r['preset']:<13} {r['density']:5.3f} {fd:>13} {r['psa_ms']:7.2f} {sp} {sc} "
               f"{r['pool_ms']:5.2f} {r['estimate_ms']:6.2f} {r['assign_ms']:5.2f} {r['attend_ms']:7.2f} "
-              f"{r['overhead_pct_of_dense']:5.1f} {r['attend_over_ideal']:5.2f} {r['check']:>4}")
+              f"{r['overhead_pct_of_dense']:5.1f} {r['attend_over_ideal']:5.2f} {r['dense_guard'] or '-':>5} "
+              f"{r['check']:>4}")
     sys.stdout.flush()
     return 0

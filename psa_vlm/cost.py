@@ -1,0 +1,93 @@
+"""Cost model of the sparse attention stage against the fastest dense attention, for the dense guard.
+
+After level assignment PSA knows how many (head, query block, KV block) pairs it will read at each factor. The
+attention stage then costs, relative to the fastest dense causal attention available for the same call,
+
+    ratio = overhead + sum_p c_p * f_p / p
+
+where ``f_p`` is the fraction of causally visible pairs at factor ``p`` (``LevelMap.histogram_tensor``) and
+``c_p`` the measured time per unit of FLOP density at that factor (1.0 would be the ideal ``density x dense``).
+When ``ratio >= 1`` the sparse stage would be slower than dense attention, so ``psa_attention`` runs dense
+attention instead (``PSAConfig.dense_guard``) and says so in its plan and in ``psa_stats``.
+
+The constants are calibrated from ``psa-vlm bench-attention`` on an NVIDIA H200 (bf16, Hq 28 / Hkv 4,
+D 128, 64k-128k tokens; ``eval/results/attention.md``): per-level block-sparse launches for the ``fa4``
+backend against FlashAttention-4's dense forward, the Triton kernel's pyramid lists against cuDNN SDPA.
+They are conservative where the measurements spread (the guard only has to be right near ratio 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+__all__ = ["AttendCost", "ATTEND_COSTS", "attend_cost_ratio", "dense_guard_reason"]
+
+
+@dataclass(frozen=True)
+class AttendCost:
+    """Time of the sparse attention stage relative to the fastest dense attention (module docstring).
+
+    Attributes:
+        overhead: Fixed share (list splitting, merge of the level partials, launch latency).
+        per_factor: ``c_p`` for factors 1, 2, 4, 8: time per unit of FLOP density at that factor.
+        dense: What "fastest dense" means for this backend (for messages).
+    """
+
+    overhead: float
+    per_factor: Tuple[float, float, float, float]
+    dense: str
+
+
+#: Per backend. ``fa4``: level launches on FlashAttention-4 against its dense forward; ``triton``: the Triton
+#: kernel against cuDNN SDPA (H200 measurements, module docstring).
+ATTEND_COSTS: Dict[str, AttendCost] = {
+    # H200, 64k / 128k, quota-0.2 and binary-0.2 level launches vs FlashAttention-4 dense (42.3 / 170.9 ms):
+    # factor 1: 1.12-1.29, factor 2: 1.22-1.29, factor 4: 1.68-1.84, factor 8: 2.59-2.78; split + merge
+    # 1.6-2.6% (benchmarks/devcheck_fa4.py, 2026-11-29)
+    "fa4": AttendCost(overhead=0.025, per_factor=(1.25, 1.3, 1.85, 2.8), dense="FlashAttention-4 dense"),
+    # H200, 64k / 128k: binary lists 1.28-1.39, pyramid lists 1.36-1.56 of density x cuDNN dense
+    "triton": AttendCost(overhead=0.0, per_factor=(1.4, 1.6, 1.6, 1.6), dense="cuDNN SDPA"),
+}
+
+
+def attend_cost_ratio(backend: str, histogram: Sequence[float]) -> Optional[float]:
+    """Predicted ``sparse attention time / fastest dense time``, or ``None`` without a model for ``backend``.
+
+    Args:
+        backend: ``"fa4"`` or ``"triton"`` (others have no model).
+        histogram: Counts (or fractions) of visible pairs at factors 1, 2, 4, 8 and skipped, as
+            ``LevelMap.histogram_tensor`` returns them.
+
+    Returns:
+        The ratio (``< 1``: the sparse stage is predicted faster than dense).
+    """
+    model = ATTEND_COSTS.get(backend)
+    if model is None:
+        return None
+    h = [float(x) for x in histogram]
+    if len(h) != 5 or any(x < 0 for x in h):
+        raise ValueError(f"histogram must hold 5 non-negative counts (factors 1, 2, 4, 8, skip), got {histogram!r}")
+    total = sum(h)
+    if total <= 0:
+        return 0.0
+    work = sum(c * x / p for c, x, p in zip(model.per_factor, h[:4], (1, 2, 4, 8)))
+    return model.overhead + work / total
+
+
+def dense_guard_reason(backend: str, histogram: Sequence[float]) -> Optional[str]:
+    """Why dense attention is the faster choice for this level histogram, or ``None`` if PSA's is.
+
+    Args:
+        backend: The attention backend that would run the sparse stage.
+        histogram: As in ``attend_cost_ratio``.
+    """
+    ratio = attend_cost_ratio(backend, histogram)
+    if ratio is None or ratio < 1.0:
+        return None
+    h = [float(x) for x in histogram]
+    density = sum(x / p for x, p in zip(h[:4], (1, 2, 4, 8))) / max(sum(h), 1.0)
+    return (
+        f"density {density:.3f}: the {backend} sparse stage is predicted at {ratio:.2f}x the time of "
+        f"{ATTEND_COSTS[backend].dense}, so dense attention ran"
+    )

@@ -1,0 +1,164 @@
+"""FlashAttention-4 backend (``kernels/attention/fa4.py``): the level decomposition and the LSE merge.
+
+CPU tier: the decomposition (one block-sparse launch per factor, emulated in plain PyTorch from the same block
+lists, then the merge with ``+ ln p`` on each level's log-sum-exp) equals the reference ``sparse_attention`` on
+random maps with every level, GQA, ``Lq < Lk``, irregular lengths; the Triton merge kernel (interpreter) equals
+the PyTorch merge, including unused levels, empty rows and NaN propagation.
+GPU tier (``pytest -m gpu``, needs flash-attn-4 on a Hopper GPU): the fa4 backend against the reference on random
+and video-like inputs, outputs NaN-poisoned first; the dense preset against SDPA.
+"""
+
+import math
+
+import pytest
+import torch
+
+from psa_vlm.kernels.attention import fa4
+from psa_vlm.kernels.attention.naive import sparse_attention as sparse_attention_ref
+from psa_vlm.kernels.geometry import cdiv
+from psa_vlm.kernels.pool.naive import pyramid_pool
+
+from test_attention import causal_sdpa, random_lists, rand_qkv
+
+ALL_POOL = (2, 4, 8)
+
+
+def _decomposed(q, k, v, kv_idx, counts, bq, bk, factors, merge):
+    kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=factors)
+    B, Hq, Lq, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    out = torch.full((B, Lq, Hq, D), float("nan"), dtype=q.dtype).transpose(1, 2)
+    got = fa4.attend_by_levels(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=factors,
+                               scale=scale, out=out, launch=fa4.emulate_level, merge=merge)
+    ref = sparse_attention_ref(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=factors)
+    return got, ref
+
+
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,Lq,Lk,D,bq,bk,factors,probs",
+    [
+        (1, 2, 1, 129, 129, 16, 16, 16, ALL_POOL, (0.2, 0.2, 0.2, 0.2, 0.2)),  # every level, irregular L
+        (2, 4, 2, 77, 300, 32, 32, 16, ALL_POOL, (0.1, 0.3, 0.2, 0.2, 0.2)),  # GQA, Lq < Lk
+        (1, 3, 3, 200, 200, 16, 16, 32, (2, 8), (0.3, 0.3, 0.2, 0.0, 0.2)),  # subset of factors
+        (1, 2, 1, 150, 150, 16, 32, 32, (), (0.5, 0.5, 0, 0, 0)),  # binary
+        (1, 2, 2, 40, 40, 8, 16, 16, ALL_POOL, (0.9, 0.1, 0.0, 0.0, 0.0)),  # many empty rows (only diag kept)
+    ],
+)
+@pytest.mark.parametrize("merge", ["reference", "triton"])
+def test_levels_plus_merge_equal_reference(B, Hq, Hkv, Lq, Lk, D, bq, bk, factors, probs, merge):
+    torch.manual_seed(1000 + Lq + Lk + bq)
+    q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, torch.float32, device="cpu")
+    f, kv_idx, counts = random_lists(B, Hq, Lq, Lk, bq, bk, probs=probs, device="cpu")
+    if not factors:  # the lists may only use factors the pyramid has
+        from psa_vlm.kernels.assign.naive import build_block_lists
+
+        f = torch.where(f > 1, torch.ones_like(f), f)
+        f, kv_idx, counts = build_block_lists(f, lq=Lq, lk=Lk, block_q=bq, block_k=bk)
+    else:
+        from psa_vlm.kernels.assign.naive import build_block_lists
+
+        allowed = torch.tensor([0, 1] + list(factors), dtype=f.dtype)
+        f = torch.where(torch.isin(f, allowed), f, torch.ones_like(f))
+        f, kv_idx, counts = build_block_lists(f, lq=Lq, lk=Lk, block_q=bq, block_k=bk)
+    fn = fa4.merge_levels_reference if merge == "reference" else fa4.merge_levels
+    got, ref = _decomposed(q, k, v, kv_idx, counts, bq, bk, factors, fn)
+    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) output"
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_level_lists_split_by_factor(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(fa4, "_interpreting", lambda: False)
+    torch.manual_seed(3)
+    Lq = Lk = 256
+    f, kv_idx, counts = random_lists(2, 3, Lq, Lk, 32, 32, device="cpu")
+    nk, nkf = cdiv(Lk, 32), Lk // 32
+    lists = fa4.level_block_lists(kv_idx, counts, [nk, nkf, nkf, nkf])
+    for col, p in enumerate((1, 2, 4, 8)):
+        cnt, idx = lists[col]
+        assert cnt.dtype == idx.dtype == torch.int32 and idx.is_contiguous()
+        for b in range(2):
+            for h in range(3):
+                for i in range(cdiv(Lq, 32)):
+                    want = sorted(torch.nonzero(f[b, h, i] == p).flatten().tolist())
+                    assert idx[b, h, i, : int(cnt[b, h, i])].tolist() == want
+
+
+def test_merge_handles_unused_levels_empty_rows_and_nan():
+    torch.manual_seed(5)
+    B, Lq, Hq, D, bq = 1, 40, 2, 16, 16
+    outs = [torch.randn(B, Lq, Hq, D) for _ in range(3)]
+    lses = [torch.randn(B, Hq, Lq) for _ in range(3)]
+    used = [torch.ones(B, Hq, cdiv(Lq, bq), dtype=torch.int32) for _ in range(3)]
+    used[1][:, :, 1] = 0  # level 1 unused by query block 1: its (garbage) statistics must not count
+    lses[1][:, :, 16:32] = float("nan")
+    for u in used:
+        u[:, 1, 2] = 0  # head 1, query block 2: no level at all -> zeros
+    lses[2][0, 0, 3] = float("nan")  # a NaN statistic in a used level propagates to its row
+    bias = [0.0, math.log(2), math.log(4)]
+    ref = torch.empty(B, Hq, Lq, D)
+    fa4.merge_levels_reference(outs, lses, bias, used, bq, ref)
+    got = torch.full((B, Hq, Lq, D), float("nan"))
+    fa4.merge_levels(outs, lses, bias, used, bq, got)
+    nan_row = torch.zeros(B, Hq, Lq, dtype=torch.bool)
+    nan_row[0, 0, 3] = True
+    assert torch.isnan(got[nan_row]).all() and torch.isnan(ref[nan_row]).all()
+    assert not torch.isnan(got[~nan_row]).any()
+    assert (got[0, 1, 32:] == 0).all()
+    torch.testing.assert_close(got[~nan_row], ref[~nan_row], atol=1e-5, rtol=1e-5)
+    # hand check of one row: weights exp(lse + ln p) normalised
+    r = 5
+    w = torch.stack([lses[i][0, 0, r] + bias[i] for i in range(3)]).softmax(0)
+    want = sum(w[i] * outs[i][0, r, 0] for i in range(3))
+    torch.testing.assert_close(got[0, 0, r], want, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_reasons_name_the_limit():
+    q = torch.randn(1, 2, 256, 128)
+    assert "CUDA" in fa4.fa4_unsupported(q, block_q=128, block_k=128, factors=ALL_POOL)
+    assert fa4.FA4_INSTALL_HINT.startswith('pip install "psa-vlm[fa4]"')
+
+
+# ---------------------------------------------------------------------------------------------- GPU tier
+def _need_fa4():
+    if not torch.cuda.is_available() or not fa4.fa4_available():
+        pytest.skip(f"needs flash-attn-4 on a Hopper GPU: {fa4.fa4_import_error() or 'no sm90 GPU'}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,Lq,D", [(4096, 4096, 128), (5000, 5000, 128), (6000, 2500, 128), (3000, 3000, 64)])
+@pytest.mark.parametrize("video_like", [False, True])
+def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like):
+    _need_fa4()
+    from psa_vlm.bench.synthetic import video_like_qkv
+
+    torch.manual_seed(L + Lq + D)
+    Hq, Hkv, bq, bk = 28, 4, 128, 128
+    if video_like:
+        q, k, v = video_like_qkv(1, Hq, Hkv, L, D, dtype=torch.bfloat16, device="cuda")
+        q = q[:, :, L - Lq :].contiguous()
+    else:
+        q, k, v = rand_qkv(1, Hq, Hkv, Lq, L, D, torch.bfloat16, device="cuda")
+    _, kv_idx, counts = random_lists(1, Hq, Lq, L, bq, bk, device="cuda")
+    kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=ALL_POOL)
+    out = torch.full((1, Lq, Hq, D), float("nan"), dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    got = fa4.sparse_attention(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=ALL_POOL, out=out)
+    ref = sparse_attention_ref(q.float(), k.float(), v.float(), kp.float(), vp.float(), kv_idx, counts,
+                               block_q=bq, block_k=bk, factors=ALL_POOL)
+    assert not torch.isnan(got).any()
+    err = float((got.float() - ref).norm() / ref.norm())
+    assert err <= 1e-2, err
+
+
+@pytest.mark.gpu
+def test_fa4_dense_preset_matches_sdpa_gpu():
+    _need_fa4()
+    from psa_vlm import PSAConfig, psa_attention
+
+    torch.manual_seed(7)
+    q, k, v = rand_qkv(1, 28, 4, 3000, 4200, 128, torch.bfloat16, device="cuda")
+    got = psa_attention(q, k, v, PSAConfig.preset("dense"), backend="fa4")
+    ref = causal_sdpa(q, k, v)
+    err = float((got.double() - ref).norm() / ref.norm())
+    assert err <= 1e-2, err

@@ -1,0 +1,38 @@
+"""The dense guard's decision logic (``psa_vlm.cost``): sparse stage vs the fastest dense attention."""
+
+import pytest
+
+from psa_vlm.cost import ATTEND_COSTS, attend_cost_ratio, dense_guard_reason
+
+
+def test_ratio_is_the_weighted_level_work():
+    m = ATTEND_COSTS["fa4"]
+    hist = [10, 20, 30, 40, 100]  # factors 1, 2, 4, 8, skipped
+    want = m.overhead + (m.per_factor[0] * 10 + m.per_factor[1] * 20 / 2 + m.per_factor[2] * 30 / 4
+                         + m.per_factor[3] * 40 / 8) / 200
+    assert attend_cost_ratio("fa4", hist) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("backend", ["fa4", "triton"])
+def test_low_density_runs_sparse_and_all_full_runs_dense(backend):
+    assert dense_guard_reason(backend, [100, 0, 0, 0, 900]) is None  # density 0.1
+    reason = dense_guard_reason(backend, [1000, 0, 0, 0, 0])  # density 1: never cheaper than dense
+    assert reason is not None and "density 1.000" in reason and backend in reason
+
+
+def test_threshold_sits_where_the_ratio_crosses_one():
+    m = ATTEND_COSTS["triton"]
+    # all full resolution: ratio = overhead + c_1 * density; the guard trips exactly at ratio 1
+    d_star = (1.0 - m.overhead) / m.per_factor[0]
+    below = [int(1000 * (d_star - 0.01)), 0, 0, 0, 1000 - int(1000 * (d_star - 0.01))]
+    above = [int(1000 * (d_star + 0.01)), 0, 0, 0, 1000 - int(1000 * (d_star + 0.01))]
+    assert dense_guard_reason("triton", below) is None
+    assert dense_guard_reason("triton", above) is not None
+
+
+def test_no_model_means_no_guard_and_bad_histograms_are_named():
+    assert attend_cost_ratio("reference", [1, 0, 0, 0, 0]) is None
+    assert dense_guard_reason("reference", [1, 0, 0, 0, 0]) is None
+    assert attend_cost_ratio("fa4", [0, 0, 0, 0, 0]) == 0.0
+    with pytest.raises(ValueError, match="5 non-negative counts"):
+        attend_cost_ratio("fa4", [1, 2, 3])
