@@ -8,6 +8,7 @@ GPU tier (``pytest -m gpu``, needs flash-attn-4 on a Hopper GPU): the fa4 backen
 and video-like inputs, outputs NaN-poisoned first; the dense preset against SDPA.
 """
 
+import functools
 import math
 
 import pytest
@@ -23,13 +24,15 @@ from test_attention import causal_sdpa, random_lists, rand_qkv
 ALL_POOL = (2, 4, 8)
 
 
-def _decomposed(q, k, v, kv_idx, counts, bq, bk, factors, merge):
+def _decomposed(q, k, v, kv_idx, counts, bq, bk, factors, merge, hybrid=()):
     kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=factors)
     B, Hq, Lq, D = q.shape
     scale = 1.0 / math.sqrt(D)
     out = torch.full((B, Lq, Hq, D), float("nan"), dtype=q.dtype).transpose(1, 2)
+    pooled = functools.partial(fa4.triton_pooled_launch, block_q=bq, block_k=bk, factors=factors, scale=scale)
     got = fa4.attend_by_levels(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=factors,
-                               scale=scale, out=out, launch=fa4.emulate_level, merge=merge)
+                               scale=scale, out=out, launch=fa4.emulate_level, merge=merge,
+                               pooled_launch=pooled if hybrid else None, pooled_factors=hybrid)
     ref = sparse_attention_ref(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=factors)
     return got, ref
 
@@ -44,8 +47,9 @@ def _decomposed(q, k, v, kv_idx, counts, bq, bk, factors, merge):
         (1, 2, 2, 40, 40, 8, 16, 16, ALL_POOL, (0.9, 0.1, 0.0, 0.0, 0.0)),  # many empty rows (only diag kept)
     ],
 )
-@pytest.mark.parametrize("merge", ["reference", "triton"])
-def test_levels_plus_merge_equal_reference(B, Hq, Hkv, Lq, Lk, D, bq, bk, factors, probs, merge):
+@pytest.mark.parametrize("merge,hybrid", [("reference", ()), ("triton", ()), ("triton", "largest2")])
+def test_levels_plus_merge_equal_reference(B, Hq, Hkv, Lq, Lk, D, bq, bk, factors, probs, merge, hybrid):
+    """``hybrid``: the two largest pooled factors in one Triton launch (with its log-sum-exp), the rest emulated."""
     torch.manual_seed(1000 + Lq + Lk + bq)
     q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, torch.float32, device="cpu")
     f, kv_idx, counts = random_lists(B, Hq, Lq, Lk, bq, bk, probs=probs, device="cpu")
@@ -61,7 +65,8 @@ def test_levels_plus_merge_equal_reference(B, Hq, Hkv, Lq, Lk, D, bq, bk, factor
         f = torch.where(torch.isin(f, allowed), f, torch.ones_like(f))
         f, kv_idx, counts = build_block_lists(f, lq=Lq, lk=Lk, block_q=bq, block_k=bk)
     fn = fa4.merge_levels_reference if merge == "reference" else fa4.merge_levels
-    got, ref = _decomposed(q, k, v, kv_idx, counts, bq, bk, factors, fn)
+    hyb = tuple(factors[-2:]) if hybrid else ()
+    got, ref = _decomposed(q, k, v, kv_idx, counts, bq, bk, factors, fn, hyb)
     assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) output"
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
 
@@ -129,8 +134,10 @@ def _need_fa4():
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,Lq,D", [(4096, 4096, 128), (5000, 5000, 128), (6000, 2500, 128), (3000, 3000, 64)])
 @pytest.mark.parametrize("video_like", [False, True])
-def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like):
+@pytest.mark.parametrize("triton_pooled", [(), (4, 8)])
+def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, monkeypatch):
     _need_fa4()
+    monkeypatch.setattr(fa4, "TRITON_POOLED_FACTORS", triton_pooled)
     from psa_vlm.bench.synthetic import video_like_qkv
 
     torch.manual_seed(L + Lq + D)

@@ -52,6 +52,8 @@ __all__ = [
     "merge_levels_reference",
     "merge_levels",
     "attend_by_levels",
+    "TRITON_POOLED_FACTORS",
+    "triton_pooled_launch",
     "sparse_attention",
     "dense_attention",
 ]
@@ -136,7 +138,7 @@ def fa4_unsupported(
 
 # ---------------------------------------------------------------------------------------------- block lists
 def level_block_lists(
-    kv_idx: torch.Tensor, counts: torch.Tensor, n_blocks: Sequence[int]
+    kv_idx: torch.Tensor, counts: torch.Tensor, n_blocks: Sequence[int], tail_from: Optional[int] = None
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Split PSA block lists into one left-packed list per factor (1, 2, 4, 8).
 
@@ -146,9 +148,13 @@ def level_block_lists(
         n_blocks: Index width of each factor's list (``nk`` for factor 1, complete blocks ``Lk // bk`` for the
             pooled ones): the KV blocks of that launch; 0 for a factor that is not launched.
 
+        tail_from: With a factor column ``c`` (1..3), a fifth pair is appended: the entries of factors
+            ``FACTOR_ORDER[c:]`` left-packed into a ``[B, Hq, nq, nk]`` list, with counts ``[B, Hq, nq, 4]`` whose
+            columns before ``c`` are 0 (a block list of those factors alone, for the Triton kernel).
+
     Returns:
-        Four ``(count int32 [B, Hq, nq], idx int32 [B, Hq, nq, max(n_blocks[c], 1)])`` pairs, contiguous.
-        The factor-1 list is ``kv_idx`` itself (its entries come first); entries past ``count`` are
+        Four ``(count int32 [B, Hq, nq], idx int32 [B, Hq, nq, max(n_blocks[c], 1)])`` pairs, contiguous (and the
+        tail pair). The factor-1 list is ``kv_idx`` itself (its entries come first); entries past ``count`` are
         unspecified. One Triton launch on CUDA (or under the interpreter), PyTorch gathers otherwise; no host
         synchronisation.
     """
@@ -163,14 +169,20 @@ def level_block_lists(
         outs.append(torch.empty(lead + (widths[c],), dtype=torch.int32, device=kv_idx.device))
     if first is None:
         outs[0] = torch.empty(lead + (widths[0],), dtype=torch.int32, device=kv_idx.device)
+    tail = None
+    if tail_from is not None:
+        if not 1 <= tail_from < len(FACTOR_ORDER):
+            raise ValueError(f"tail_from must be a pooled factor column 1..3, got {tail_from}")
+        tail = torch.full(lead + (max(nk, 1),), -1, dtype=torch.int32, device=kv_idx.device)
     rows = kv_idx.numel() // max(nk, 1)
     if rows and nk and use_triton:
         idx2 = kv_idx.reshape(rows, nk)
         cnt2 = counts.reshape(rows, len(FACTOR_ORDER))
         _split_kernel[(rows,)](
-            idx2, cnt2, outs[0], outs[1], outs[2], outs[3],
-            idx2.stride(0), cnt2.stride(0), *widths,
-            WRITE_FIRST=first is None, BLOCK=max(16, triton.next_power_of_2(nk)), num_warps=4,
+            idx2, cnt2, outs[0], outs[1], outs[2], outs[3], tail if tail is not None else outs[3],
+            idx2.stride(0), cnt2.stride(0), *widths, nk, tail_from or 0,
+            WRITE_FIRST=first is None, WRITE_TAIL=tail is not None, BLOCK=max(16, triton.next_power_of_2(nk)),
+            num_warps=4,
         )
     elif rows and nk:
         c = counts.to(torch.int64)
@@ -180,7 +192,15 @@ def level_block_lists(
                 continue
             pos = starts[..., col : col + 1] + torch.arange(widths[col], device=kv_idx.device)
             outs[col] = kv_idx.gather(-1, pos.clamp(max=nk - 1)).to(torch.int32).contiguous()
-    return [(cnts[c], outs[c]) for c in range(len(FACTOR_ORDER))]
+        if tail is not None:
+            pos = starts[..., tail_from : tail_from + 1] + torch.arange(nk, device=kv_idx.device)
+            tail = kv_idx.gather(-1, pos.clamp(max=nk - 1)).to(torch.int32).contiguous()
+    res = [(cnts[c], outs[c]) for c in range(len(FACTOR_ORDER))]
+    if tail is not None:
+        tcounts = counts.clone()
+        tcounts[..., :tail_from] = 0
+        res.append((tcounts, tail))
+    return res
 
 
 def _interpreting() -> bool:
@@ -191,8 +211,8 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _split_kernel(
-    idx_ptr, cnt_ptr, o1_ptr, o2_ptr, o4_ptr, o8_ptr, stride_i, stride_c, W1, W2, W4, W8,
-    WRITE_FIRST: tl.constexpr, BLOCK: tl.constexpr,
+    idx_ptr, cnt_ptr, o1_ptr, o2_ptr, o4_ptr, o8_ptr, tail_ptr, stride_i, stride_c, W1, W2, W4, W8, WT, TAIL_COL,
+    WRITE_FIRST: tl.constexpr, WRITE_TAIL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One list row: copy each factor's entries (a contiguous run of the row) to the front of its own list."""
     row = tl.program_id(0).to(tl.int64)
@@ -203,14 +223,18 @@ def _split_kernel(
     c8 = tl.load(cnt_ptr + row * stride_c + 3)
     total = c1 + c2 + c4 + c8
     e = tl.load(idx_ptr + row * stride_i + offs, mask=offs < total, other=0)  # [BLOCK]
+    # every store is bounded by its list's width (a factor that is not launched gets a width-1 list)
     if WRITE_FIRST:
-        tl.store(o1_ptr + row * W1 + offs, e, mask=offs < c1)
+        tl.store(o1_ptr + row * W1 + offs, e, mask=(offs < c1) & (offs < W1))
     s2 = c1
     s4 = s2 + c2
     s8 = s4 + c4
-    tl.store(o2_ptr + row * W2 + (offs - s2), e, mask=(offs >= s2) & (offs < s4))
-    tl.store(o4_ptr + row * W4 + (offs - s4), e, mask=(offs >= s4) & (offs < s8))
-    tl.store(o8_ptr + row * W8 + (offs - s8), e, mask=(offs >= s8) & (offs < total))
+    tl.store(o2_ptr + row * W2 + (offs - s2), e, mask=(offs >= s2) & (offs < s4) & (offs - s2 < W2))
+    tl.store(o4_ptr + row * W4 + (offs - s4), e, mask=(offs >= s4) & (offs < s8) & (offs - s4 < W4))
+    tl.store(o8_ptr + row * W8 + (offs - s8), e, mask=(offs >= s8) & (offs < total) & (offs - s8 < W8))
+    if WRITE_TAIL:
+        st = tl.where(TAIL_COL == 1, s2, tl.where(TAIL_COL == 2, s4, s8))
+        tl.store(tail_ptr + row * WT + (offs - st), e, mask=(offs >= st) & (offs < total) & (offs - st < WT))
 
 
 # ---------------------------------------------------------------------------------------------- level launches
@@ -261,7 +285,7 @@ def emulate_level(
     lse = torch.logsumexp(logits, dim=-1)  # -inf where nothing is allowed
     p = torch.exp(logits - torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)[..., None])
     o = torch.matmul(p, vf)
-    return o.transpose(1, 2).to(q.dtype), lse
+    return o.transpose(1, 2).contiguous().to(q.dtype), lse  # FlashAttention's [B, Lq, Hq, D] layout
 
 
 def flash_attn_level(
@@ -497,21 +521,42 @@ def attend_by_levels(
     out: torch.Tensor,
     launch: LevelFn,
     merge: MergeFn,
+    pooled_launch: Optional[Callable[..., None]] = None,
+    pooled_factors: Sequence[int] = (),
 ) -> torch.Tensor:
     """PSA attention as one launch per factor plus an LSE merge (module docstring).
 
     Every enabled factor is launched even where no row lists it (no host synchronisation to find out); its
     count-0 rows cost one early exit per program and get weight 0 in the merge.
+
+    ``pooled_launch`` (with ``pooled_factors``, the largest factors, e.g. ``(4, 8)``) runs those factors in one
+    launch instead: ``pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx_t, counts_t, out=[B, Hq, Lq, D] view,
+    lse=float32 [B, Hq, Lq])`` over a list of those factors alone; its log-sum-exp already holds the ``+ ln p``
+    of every pooled logit (the Triton kernel's), so it enters the merge with bias 0.
     """
     Lk = k.shape[2]
     nkf = Lk // block_k
     factors = tuple(sorted(int(p) for p in factors))
     offs = level_offsets(nkf, block_k, factors)
-    widths = [cdiv(Lk, block_k)] + [nkf if p in factors else 0 for p in FACTOR_ORDER[1:]]
-    lists = level_block_lists(kv_idx, counts, widths)
+    tri = tuple(sorted(int(p) for p in pooled_factors if int(p) in factors)) if pooled_launch is not None else ()
+    if tri and tri != factors[len(factors) - len(tri):]:
+        raise ValueError(f"pooled_factors {tri} must be the largest of the enabled factors {factors}")
+    widths = [cdiv(Lk, block_k)] + [nkf if (p in factors and p not in tri) else 0 for p in FACTOR_ORDER[1:]]
+    tail_from = FACTOR_ORDER.index(tri[0]) if (tri and nkf) else None
+    lists = level_block_lists(kv_idx, counts, widths, tail_from=tail_from)
     outs, lses, bias, used = [], [], [], []
+    if tail_from is not None:
+        B, Hq, Lq, D = q.shape
+        tcounts, tidx = lists[4]
+        o_t = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device)
+        lse_t = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+        pooled_launch(q, k, v, k_pooled, v_pooled, tidx, tcounts, out=o_t.transpose(1, 2), lse=lse_t)
+        outs.append(o_t)
+        lses.append(lse_t)
+        bias.append(0.0)
+        used.append(tcounts.sum(-1, dtype=torch.int32))
     for col, p in enumerate(FACTOR_ORDER):
-        if p != 1 and (p not in factors or nkf == 0):
+        if p != 1 and (p not in factors or nkf == 0 or p in tri):
             continue
         cnt, idx = lists[col]
         if p == 1:
@@ -587,6 +632,30 @@ def sparse_attention(
     return attend_by_levels(
         q, k, v, k_pooled, v_pooled, kv_idx, counts, block_q=block_q, block_k=block_k, factors=factors,
         scale=float(scale), out=out, launch=flash_attn_level, merge=merge_levels,
+        pooled_launch=functools.partial(triton_pooled_launch, block_q=block_q, block_k=block_k, factors=factors,
+                                        scale=float(scale)),
+        pooled_factors=TRITON_POOLED_FACTORS,
+    )
+
+
+#: Pooled factors that run in one Triton launch (whose pooled stream packs several pooled blocks into one
+#: 128-row tile) instead of one FlashAttention-4 launch each (whose KV tile shrinks to ``bk / p`` rows); ``()``
+#: runs every factor on FlashAttention-4. Chosen by measurement (``NOTES_fa4.md``).
+TRITON_POOLED_FACTORS: Tuple[int, ...] = (4, 8)
+
+
+def triton_pooled_launch(
+    q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int,
+    factors: Sequence[int], scale: float,
+) -> None:
+    """The Triton kernel on a list of pooled factors only, writing ``out`` and its log-sum-exp ``lse``."""
+    from . import kernel as triton_kernel
+
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    triton_kernel._launch(
+        q, k, v, k_pooled, v_pooled, kv_idx, counts, out, block_q=block_q, block_k=block_k,
+        factors=tuple(factors), scale=scale, key_padding_mask=None,
+        tiles=triton_kernel._pick_tiles(block_q, block_k, block_d, q.dtype), lse=lse,
     )
 
 

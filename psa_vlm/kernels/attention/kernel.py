@@ -95,7 +95,7 @@ def _stream_entry(vr, c1, c2, c4, r2, e4, RP2: tl.constexpr, RP4: tl.constexpr, 
 
 @triton.jit
 def _psa_fwd_kernel(
-    Q, K, V, KP, VP, KV_IDX, COUNTS, PAD, OUT,
+    Q, K, V, KP, VP, KV_IDX, COUNTS, PAD, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -105,6 +105,7 @@ def _psa_fwd_kernel(
     stride_cb, stride_ch, stride_cq, stride_cc,
     stride_pb, stride_pn,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
     Hq, G, Lq, Lk, n_tiles_q, qk_scale, off2, off4, off8,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -120,6 +121,7 @@ def _psa_fwd_kernel(
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_LSE: tl.constexpr = False,
 ):
     M_PER_Q: tl.constexpr = BLOCK_Q // BLOCK_M  # program tiles per query block
     SUB: tl.constexpr = BLOCK_KV // BLOCK_N  # key tiles per full-resolution KV block
@@ -271,6 +273,9 @@ def _psa_fwd_kernel(
         tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if HAS_LSE:  # natural-log log-sum-exp of the row's logits (pooled ones with their + ln p); -inf if none
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+        tl.store(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -394,8 +399,12 @@ def _launch(
     scale: float,
     key_padding_mask: Optional[torch.Tensor],
     tiles: Tuple[int, int, int, int],
+    lse: Optional[torch.Tensor] = None,
 ) -> object:
     """Launch the kernel with explicit ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (inputs already checked).
+
+    ``lse``: optional float32 ``[B, Hq, Lq]`` (last dimension contiguous) that receives each row's natural-log
+    log-sum-exp (``-inf`` for rows that see no key), for merging with other partial attentions.
 
     Returns what the Triton launch returns (the compiled kernel).
     """
@@ -425,8 +434,9 @@ def _launch(
     mask_w = triton.next_power_of_2((block_q - 1) // block_k + 2)
     upcast = _interpreting()
     grid = (B * Hq, n_tiles_q)
+    lse_t, lse_strides = (lse, (lse.stride(0), lse.stride(1))) if lse is not None else (out, (0, 0))
     return _psa_fwd_kernel[grid](
-        q, k, v, kp, vp, kv_idx, counts, pad, out,
+        q, k, v, kp, vp, kv_idx, counts, pad, out, lse_t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -436,6 +446,7 @@ def _launch(
         counts.stride(0), counts.stride(1), counts.stride(2), counts.stride(3),
         pad_strides[0], pad_strides[1],
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        lse_strides[0], lse_strides[1],
         Hq, Hq // Hkv, Lq, Lk, n_tiles_q, float(scale) * _LOG2E,
         rows.get(2, 0), rows.get(4, 0), rows.get(8, 0),
         D=D,
@@ -452,6 +463,7 @@ def _launch(
         EVEN_D=block_d == D,
         UPCAST=upcast,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_LSE=lse is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
