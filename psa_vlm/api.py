@@ -370,7 +370,7 @@ def run_psa(
     if plan_only:
         return None, plan
     if config.dense_guard and level_map is None and not config.dense and key_padding_mask is None:
-        dense = _guarded_dense(be, plan.level_map, q, k, v, scale)
+        dense = _guarded_dense(be, plan.level_map, q, k, v, scale, config)
         if dense is not None:
             plan.dense_reason, o = dense
             if out is not None:
@@ -395,18 +395,22 @@ def run_psa(
     return o, plan
 
 
-def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float):
+def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, config: PSAConfig):
     """``(reason, dense output)`` when the cost model says dense attention is faster than the plan, else ``None``.
 
     Reads the level histogram on the host (one synchronisation). Dense attention is the fastest available:
     FlashAttention-4's for the ``fa4`` backend, SDPA (cuDNN/flash, bottom-right causal) for ``triton`` when
     ``Lq == Lk``; the Triton backend keeps the sparse stage for ``Lq < Lk`` (SDPA's ``is_causal`` is top-left).
     """
-    from .cost import dense_guard_reason
+    from .cost import dense_guard_reason, quota_cost_ratio
 
     if backend not in ("fa4", "triton") or q.device.type != "cuda" or q.dtype == torch.float32:
         return None
     if backend == "triton" and q.shape[2] != k.shape[2]:
+        return None
+    # quota mode fixes the level mix: far below the break-even there is nothing to decide, and skipping the host
+    # read keeps the attend stage's launches queued behind the planning (the read costs ~1 ms at 64k)
+    if quota_cost_ratio(backend, config) < 0.8:
         return None
     reason = dense_guard_reason(backend, level_map.histogram_tensor().tolist())
     if reason is None:

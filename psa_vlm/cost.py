@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
-__all__ = ["AttendCost", "ATTEND_COSTS", "attend_cost_ratio", "dense_guard_reason"]
+__all__ = ["AttendCost", "ATTEND_COSTS", "attend_cost_ratio", "quota_cost_ratio", "dense_guard_reason"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,17 @@ def dense_guard_reason(backend: str, histogram: Sequence[float]) -> Optional[str
         f"density {density:.3f}: the {backend} sparse stage is predicted at {ratio:.2f}x the time of "
         f"{ATTEND_COSTS[backend].dense}, so dense attention ran"
     )
+
+
+def quota_cost_ratio(backend: str, config) -> float:
+    """``attend_cost_ratio`` of a quota-mode config's own level mix (its quotas as the histogram), or ``inf``.
+
+    ``inf`` for threshold mode (its mix depends on the input) and for backends without a model. Forced blocks
+    (sink, diagonal, text) only move a quota mix towards full resolution, by a few percent of the visible blocks
+    at long lengths; callers compare against a margin below 1.
+    """
+    if getattr(config, "mode", None) != "quota" or config.quotas is None or config.dense:
+        return float("inf")
+    q = [float(x) for x in config.quotas]
+    ratio = attend_cost_ratio(backend, q + [max(0.0, 1.0 - sum(q))])
+    return float("inf") if ratio is None else ratio

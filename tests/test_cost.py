@@ -2,7 +2,8 @@
 
 import pytest
 
-from psa_vlm.cost import ATTEND_COSTS, attend_cost_ratio, dense_guard_reason
+from psa_vlm.config import PSAConfig
+from psa_vlm.cost import ATTEND_COSTS, attend_cost_ratio, dense_guard_reason, quota_cost_ratio
 
 
 def test_ratio_is_the_weighted_level_work():
@@ -36,3 +37,10 @@ def test_no_model_means_no_guard_and_bad_histograms_are_named():
     assert attend_cost_ratio("fa4", [0, 0, 0, 0, 0]) == 0.0
     with pytest.raises(ValueError, match="5 non-negative counts"):
         attend_cost_ratio("fa4", [1, 2, 3])
+
+
+def test_quota_mix_ratio_skips_the_host_read_only_far_from_break_even():
+    assert quota_cost_ratio("fa4", PSAConfig.preset("quota-0.2")) < 0.8
+    assert quota_cost_ratio("fa4", PSAConfig.preset("paper")) == float("inf")  # threshold mode: input-dependent
+    assert quota_cost_ratio("fa4", PSAConfig.preset("binary-0.2").replace(quotas=(0.9, 0, 0, 0))) > 0.8
+    assert quota_cost_ratio("reference", PSAConfig.preset("quota-0.2")) == float("inf")
