@@ -117,12 +117,14 @@ def test_dense_preset_equals_unpatched_then_unpatch_restores(case, caplog):
     with caplog.at_level("INFO", logger="psa_vlm"):
         psa_vlm.patch(model, DENSE)
     assert not [r for r in caplog.records if r.levelname == "INFO"]
-    assert _text_model(model)._psa_state is state and len(model.model._forward_pre_hooks) == 1
+    assert _text_model(model)._psa_state is state
+    assert len(model.model._forward_pre_hooks) == len(_text_model(model)._forward_pre_hooks) == 1
     psa_vlm.unpatch(model)
     assert not psa_vlm.is_patched(model)
     assert model.config.text_config._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
-    assert len(model.model._forward_pre_hooks) == 0 and "psa" not in repr(model)
+    assert len(model.model._forward_pre_hooks) == len(_text_model(model)._forward_pre_hooks) == 0
+    assert "psa" not in repr(model)
     assert torch.equal(_logits(model, inputs), ref_logits)
 
 
@@ -253,11 +255,15 @@ def test_custom_masks_and_cu_seq_lens_run_the_original(case):
     calls = [{"inputs_embeds": embeds, "attention_mask": mask4d}, {"inputs_embeds": embeds, **packed}]
     with torch.no_grad():
         refs = [text_model(**c).last_hidden_state for c in calls]
-        psa_vlm.patch(text_model, DENSE)
-        for c, ref in zip(calls, refs):
-            torch.testing.assert_close(text_model(**c).last_hidden_state, ref, atol=ATOL, rtol=0)
-            assert psa_vlm.psa_stats(text_model)["layers"] == {}
-    psa_vlm.unpatch(text_model)
+        for target in (text_model, model):  # patched as a text model, or whole and the text model called directly
+            psa_vlm.patch(target, DENSE)
+            for c, ref in zip(calls, refs):
+                torch.testing.assert_close(text_model(**c).last_hidden_state, ref, atol=ATOL, rtol=0)
+                assert psa_vlm.psa_stats(text_model)["layers"] == {}
+            text_model(inputs_embeds=embeds)  # causal, no mask: PSA, with the text_tail rule
+            assert psa_vlm.psa_stats(text_model)["density"] == pytest.approx(1.0)
+            assert text_model._psa_state.token_types is None
+            psa_vlm.unpatch(target)
 
 
 def test_output_attentions_returns_the_original_weights(case, caplog):
