@@ -588,7 +588,7 @@ def _past_length(cache: Any) -> Tuple[Optional[int], Optional[str]]:
     return (n, None) if isinstance(n, int) else (None, None)
 
 
-def _mask_reason(kwargs: Dict[str, Any], hooked: torch.nn.Module, state: _PatchState, n_new: int) -> Optional[str]:
+def _mask_reason(kwargs: Dict[str, Any], hooked: torch.nn.Module, n_new: int) -> Optional[str]:
     """Why the mask transformers builds for this forward is not exactly causal + key padding (``None``: it is)."""
     mask = kwargs.get("attention_mask")
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
@@ -649,7 +649,7 @@ class _PreHook:
         if n_new > 1:  # a prefill: the statistics describe the last prefill only
             for m in state.modules:
                 m._psa_last = None
-        state.dense_reason = cache_reason or _mask_reason(kwargs, module, state, n_new)
+        state.dense_reason = cache_reason or _mask_reason(kwargs, module, n_new)
         mask = kwargs.get("attention_mask")
         state.key_padding = None
         if state.dense_reason is None and n_new > 1 and isinstance(mask, torch.Tensor):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import inspect
 import io
-import logging
 import pickle
 
 import pytest
@@ -24,7 +23,7 @@ import psa_vlm  # noqa: E402
 from psa_vlm import PSAConfig  # noqa: E402
 from psa_vlm.patches import core  # noqa: E402
 
-from conftest import FAMILIES, FPS, HEIGHT, WIDTH  # noqa: E402  (tests/patches/conftest.py, on sys.path via rootdir-less import)
+from tiny_families import FAMILIES, FPS, HEIGHT, WIDTH  # noqa: E402  (pytest puts this directory on sys.path)
 
 SMALL = {"min_seq_len": 0, "block_q": 16, "block_k": 16, "stride": 4}
 DENSE = PSAConfig.preset("dense", **SMALL)
