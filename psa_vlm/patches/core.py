@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from ..api import PSAPlan, check_config_for_backend, run_psa
+from ..api import BACKENDS, PSAPlan, check_config_for_backend, run_psa
 from ..config import PRESETS, PSAConfig
 
 __all__ = [
@@ -69,7 +69,7 @@ PSA_ATTENTION_NAME = "psa"
 #: Lowest transformers version the patches support (see ``check_transformers``).
 MIN_TRANSFORMERS = "5.0.0"
 
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = BACKENDS
 # kwargs of padding-free (packed) batches: transformers' flash path attends per segment, PSA cannot
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -337,11 +337,12 @@ def token_types_from_ids(
 class _LayerRecord:
     """Statistics of one layer's last PSA prefill, kept as device tensors until ``psa_stats`` reads them."""
 
-    density: torch.Tensor  # 0-d float32
+    density: torch.Tensor  # 0-d float32: of the level map (the plan)
     histogram: torch.Tensor  # int64 [5]: factors 1, 2, 4, 8, skipped
     batch: int
     lq: int
     lk: int
+    dense_reason: Optional[str] = None  # the dense guard ran dense attention instead of the plan
 
 
 @dataclass
@@ -504,7 +505,7 @@ class PSAAttentionFunction:
         if o is not None and o.data_ptr() != out.data_ptr():  # a backend that ignored ``out``
             out.copy_(o.transpose(1, 2))
         lm = plan.level_map
-        module._psa_last = _LayerRecord(lm.density_tensor(), lm.histogram_tensor(), B, lq, lk)
+        module._psa_last = _LayerRecord(lm.density_tensor(), lm.histogram_tensor(), B, lq, lk, plan.dense_reason)
         for fn in list(state.observers):
             fn(layer_idx, out, _DenseOut(module, self.original, query, key, value, attention_mask, args, kwargs), plan)
         return out, None
@@ -862,10 +863,13 @@ def psa_stats(model: Any) -> Dict[str, Any]:
         model: A patched model of any supported family.
 
     Returns:
-        ``{"layers": {layer_idx: {"density", "sparsity", "histogram", "batch", "lq", "lk"}}, "density": mean
-        over the listed layers or None, "histogram": level fractions over all listed layers or None}``;
-        histograms are fractions of the causally valid (head, query block, KV block) pairs at
-        ``full``/``pool2``/``pool4``/``pool8``/``skip``.
+        ``{"layers": {layer_idx: {"density", "sparsity", "histogram", "batch", "lq", "lk", "dense_guard",
+        "planned_density"}}, "density": mean over the listed layers or None, "histogram": level fractions over all
+        listed layers or None, "dense_guard_layers": how many layers the dense guard ran dense}``; histograms are
+        fractions of the causally valid (head, query block, KV block) pairs at
+        ``full``/``pool2``/``pool4``/``pool8``/``skip`` of the level map. Where the dense guard
+        (``PSAConfig.dense_guard``) ran dense attention, ``dense_guard`` holds its reason and ``density`` is 1.0
+        (the work done); ``planned_density`` is always the level map's.
     """
     from . import FAMILIES
 
@@ -878,7 +882,8 @@ def psa_stats(model: Any) -> Dict[str, Any]:
             continue
         counts = [int(c) for c in rec.histogram.tolist()]
         n = max(sum(counts), 1)
-        density = float(rec.density)
+        planned = float(rec.density)
+        density = 1.0 if rec.dense_reason else planned
         idx = getattr(m, "layer_idx", None)
         layers[i if idx is None else idx] = {
             "density": density,
@@ -887,13 +892,16 @@ def psa_stats(model: Any) -> Dict[str, Any]:
             "batch": rec.batch,
             "lq": rec.lq,
             "lk": rec.lk,
+            "dense_guard": rec.dense_reason,
+            "planned_density": planned,
         }
         total = [t + c for t, c in zip(total, counts)]
     if not layers:
-        return {"layers": {}, "density": None, "histogram": None}
+        return {"layers": {}, "density": None, "histogram": None, "dense_guard_layers": 0}
     n = max(sum(total), 1)
     return {
         "layers": layers,
         "density": sum(v["density"] for v in layers.values()) / len(layers),
         "histogram": {k: c / n for k, c in zip(_LEVELS, total)},
+        "dense_guard_layers": sum(1 for v in layers.values() if v["dense_guard"]),
     }
