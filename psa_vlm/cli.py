@@ -94,19 +94,21 @@ def positive_int_list(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}") from None
 
 
-def _writable_ancestor(path: Path) -> None:
-    """Raise ``ArgumentTypeError`` unless ``path`` could be created: its nearest existing ancestor is a directory
-    in which this process can create entries (probed with a temporary directory, removed at once)."""
+def _writable_ancestor(path: Path, target: str) -> None:
+    """Raise ``ArgumentTypeError`` (naming ``target``) unless ``path`` could be created: its nearest existing
+    ancestor is a directory in which this process can create entries (probed with a temporary directory,
+    removed at once)."""
     anc = path
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
-        raise argparse.ArgumentTypeError(f"{str(path)!r}: {str(anc)!r} is not a directory")
+        raise argparse.ArgumentTypeError(f"{target!r}: {str(anc)!r} is not a directory")
     try:
         tempfile.TemporaryDirectory(dir=anc, prefix=".psa_vlm_probe-").cleanup()
     except OSError as exc:
         raise argparse.ArgumentTypeError(
-            f"cannot write under {str(anc)!r} ({exc.strerror or exc}); choose another path for {str(path)!r}"
+            f"cannot write {target!r}: creating entries under {str(anc)!r} fails ({exc.strerror or exc}); "
+            "choose another path"
         ) from None
 
 
@@ -115,7 +117,7 @@ def output_dir(text: str) -> Path:
     p = Path(text).expanduser()
     if p.exists() and not p.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
-    _writable_ancestor(p)
+    _writable_ancestor(p, text)
     return p
 
 
@@ -126,7 +128,7 @@ def output_file(text: str) -> str:
     p = Path(text).expanduser()
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path")
-    _writable_ancestor(p.parent)
+    _writable_ancestor(p.parent, text)
     return text
 
 
