@@ -7,8 +7,11 @@ that demo the block size and ``min_seq_len`` are lowered (32 and 64 instead of 1
 really runs on the ~280-token prompt; the output says so. With ``--model DIR`` any local Qwen2.5-VL
 checkpoint (3B/7B/72B) is loaded: bf16 on CUDA, fp32 on the CPU.
 
-Frames are read by qwen-vl-utils with decord and handed to the processor with their metadata, so the
-temporal positions match the sampled frame rate. Without ``--fps`` the video is sampled evenly to
+Frames are read by qwen-vl-utils with decord (with PyAV for videos decord cannot read) and handed to the
+processor with their metadata, so the temporal positions match the sampled frame rate. Argument errors,
+including a PSA config the chosen backend cannot run (``--block-size 24`` with the Triton kernels), fail at
+parse time with one line and exit status 2; a prompt longer than the model's ``max_position_embeddings`` fails
+before prefill, naming ``--fps``, ``--max-frames`` and ``--max-pixels``. Without ``--fps`` the video is sampled evenly to
 ``--max-frames`` frames (lmms-eval's rule); with ``--fps`` one frame every ``1/fps`` seconds, capped at
 ``--max-frames``.
 
