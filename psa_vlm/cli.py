@@ -94,6 +94,15 @@ def positive_int_list(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}") from None
 
 
+def preset_name(text: str) -> str:
+    """A name in ``psa_vlm.PRESETS``."""
+    from .config import PRESETS
+
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown PSA preset {text!r}; choose one of {', '.join(PRESETS)}")
+    return text
+
+
 def _writable_ancestor(path: Path, target: str) -> None:
     """Raise ``ArgumentTypeError`` (naming ``target``) unless ``path`` could be created: its nearest existing
     ancestor is a directory in which this process can create entries (probed with a temporary directory,

@@ -23,14 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import nonnegative_int, positive_int
+    from .cli import nonnegative_int, positive_int, preset_name
 
     p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens (default 4096)")
     p.add_argument("--heads", type=positive_int, default=4, help="query heads (default 4)")
     p.add_argument("--kv-heads", type=positive_int, default=2, help="KV heads (default 2)")
     p.add_argument("--head-dim", type=positive_int, default=64, help="head dimension (default 64)")
     p.add_argument("--tokens-per-frame", type=positive_int, default=256, help="visual tokens per frame (default 256)")
-    p.add_argument("--preset", default="paper", choices=PSAConfig.preset_names(), metavar="PRESET",
+    p.add_argument("--preset", type=preset_name, default="paper",
                    help=f"PSA preset: {', '.join(PSAConfig.preset_names())} (default paper)")
     p.add_argument("--block", type=positive_int, default=None,
                    help="block size for queries and keys (default: preset's)")

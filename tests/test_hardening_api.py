@@ -354,3 +354,27 @@ def test_torch_compile_of_psa_attention_runs_and_is_right():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compiled ok" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------- GPU tier
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["dense", "paper", "quota-0.1", "binary-0.1"])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_gpu_nan_propagates_like_sdpa_bf16(preset, where):
+    """Qwen2.5-VL-7B head shapes in bf16 on the GPU (where Triton's max may ignore NaN): the NaN rows of PSA are
+    exactly SDPA's, for the exact and the sparse presets."""
+    B, Hq, Hkv, L, D = 1, 28, 4, 4000, 128
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    q = torch.randn(B, Hq, L, D, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(B, Hkv, L, D, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(B, Hkv, L, D, device="cuda", generator=g).to(torch.bfloat16)
+    pos = int(torch.randint(300, L - 300, ()))
+    if where == "k":
+        k[0, 1, pos, 9] = float("nan")
+    else:
+        q[0, 5, pos, 9] = float("nan")
+    out = psa_attention(q, k, v, PSAConfig.preset(preset, text_tail=0))
+    G = Hq // Hkv
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True)
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(ref).any(-1))
+    assert int(torch.isnan(ref).any(-1).sum()) == (G * (L - pos) if where == "k" else 1)

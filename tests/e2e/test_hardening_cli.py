@@ -38,7 +38,7 @@ def _one_line_error(capsys, argv, prog, *needles):
         (["demo", "--seq-len", "x"], ["--seq-len", "'x'"]),
         (["demo", "--heads", "3"], ["--heads (3) must be a multiple of --kv-heads (2)"]),
         (["demo", "--block", "20"], ["block_q=20"]),
-        (["demo", "--preset", "nope"], ["--preset", "'nope'"]),
+        (["demo", "--preset", "nope"], ["--preset", "unknown PSA preset 'nope'"]),
         (["demo", "--device", "cuda:x"], ["--device"]),
         (["build-tiny", "--out", "/proc/psa_tiny"], ["--out", "/proc/psa_tiny"]),
         (["build-tiny", "--seed", "-1"], ["--seed"]),
