@@ -76,9 +76,8 @@ class LevelMap:
 
     def _check_factors(self) -> None:
         """Host-side check (synchronises) that every counted factor is 0, 1, 2, 4 or 8."""
-        counted = self._counted().expand(self.factors.shape)
-        ok = (self.factors == 0) | (self.factors == 1) | (self.factors == 2) | (self.factors == 4)
-        bad = counted & ~(ok | (self.factors == 8))
+        allowed = torch.tensor((0,) + FACTOR_ORDER, dtype=self.factors.dtype, device=self.factors.device)
+        bad = self._counted().expand(self.factors.shape) & ~torch.isin(self.factors, allowed)
         if bool(bad.any()):
             raise ValueError(
                 f"LevelMap holds the factor {int(self.factors[bad][0])}; factors must be 0 (skip), 1, 2, 4 or 8"
