@@ -14,13 +14,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .config import PSAConfig
+from .config import PSAConfig, _scalar
 from .kernels.assign.naive import KV_FORCE_FULL, KV_NEEDS_FULL, KV_SKIP
 from .kernels.geometry import FACTOR_ORDER, block_masks, cdiv
 
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "fa4", "triton", "reference")
 _BACKENDS = BACKENDS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT_MASK_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+#: Largest head dimension the Triton kernels support (``kernels/attention/kernel.py``).
+TRITON_MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------------------------- LevelMap
@@ -47,6 +51,11 @@ class LevelMap:
         factors: int8 ``[B, Hq, nq, nk]``: 0 (skip) or the pooling factor 1/2/4/8.
         block_q, block_k: Block sizes the map refers to.
         lq, lk: Query and key lengths (needed for the causal geometry).
+        valid: Optional bool ``[B, nq, nk]``: the pairs that hold real work. ``False`` for a fully padded KV
+            block or a query block whose queries are all padding (``key_padding_mask``); such pairs are left
+            out of ``density`` and ``histogram``, since skipping padding is not work PSA saved. ``None``
+            (a map built without padding): every causally visible pair counts. ``run_psa`` and
+            ``build_level_map`` fill it when a ``key_padding_mask`` is given.
     """
 
     factors: torch.Tensor
@@ -54,33 +63,60 @@ class LevelMap:
     block_k: int
     lq: int
     lk: int
+    valid: Optional[torch.Tensor] = None
 
-    def _visible(self) -> torch.Tensor:
+    def _counted(self) -> torch.Tensor:
+        """Bool ``[nq, nk]`` or ``[B, 1, nq, nk]``: the pairs statistics count (visible, and valid if known)."""
         vis, _ = block_masks(self.lq, self.lk, self.block_q, self.block_k, self.factors.device)
-        return vis
+        if self.valid is None:
+            return vis
+        return vis & self.valid.to(device=self.factors.device, dtype=torch.bool)[:, None]
 
     def density_tensor(self) -> torch.Tensor:
         """PSA_SPEC section 3 density as a 0-d float32 tensor (no host synchronisation)."""
         f = self.factors.float()
         inv = torch.where(f > 0, 1.0 / f.clamp(min=1), torch.zeros_like(f))
-        vis = self._visible()
-        n = vis.sum() * f.shape[0] * f.shape[1]
-        return (inv * vis).sum() / n.clamp(min=1)
+        counted = self._counted()
+        n = counted.expand(f.shape).sum()
+        return (inv * counted).sum() / n.clamp(min=1)
+
+    def _check_factors(self) -> None:
+        """Host-side check (synchronises) that every counted factor is 0, 1, 2, 4 or 8."""
+        allowed = torch.tensor((0,) + FACTOR_ORDER, dtype=self.factors.dtype, device=self.factors.device)
+        bad = self._counted().expand(self.factors.shape) & ~torch.isin(self.factors, allowed)
+        if bool(bad.any()):
+            raise ValueError(
+                f"LevelMap holds the factor {int(self.factors[bad][0])}; factors must be 0 (skip), 1, 2, 4 or 8"
+            )
 
     def density(self) -> float:
-        """Mean of ``1/p`` (0 if skipped) over causally valid block pairs and heads: FLOP-equivalent density."""
+        """Mean of ``1/p`` (0 if skipped) over the counted block pairs and heads: FLOP-equivalent density.
+
+        Counted pairs are the causally visible ones, less padding (``valid``). Raises ``ValueError`` if the map
+        holds a factor other than 0, 1, 2, 4, 8.
+        """
+        self._check_factors()
         return float(self.density_tensor())
 
     def sparsity(self) -> float:
         return 1.0 - self.density()
 
     def histogram_tensor(self) -> torch.Tensor:
-        """Counts over causally valid pairs of factors (1, 2, 4, 8, 0=skip) as int64 ``[5]`` (no sync)."""
-        vis = self._visible()  # [nq, nk], broadcast over [B, Hq]; no boolean indexing (that would sync)
-        return torch.stack([((self.factors == p) & vis).sum() for p in FACTOR_ORDER + (0,)])
+        """Counts over the counted pairs of factors (1, 2, 4, 8, 0=skip) as int64 ``[5]`` (no sync).
+
+        Counts of a map holding another factor do not sum to the number of counted pairs; ``histogram()``
+        raises on such a map.
+        """
+        counted = self._counted()  # broadcast over [B, Hq]; no boolean indexing (that would sync)
+        return torch.stack([((self.factors == p) & counted).sum() for p in FACTOR_ORDER + (0,)])
 
     def histogram(self) -> Dict[str, float]:
-        """Fraction of causally valid (head, query block, KV block) pairs at each level."""
+        """Fraction of the counted (head, query block, KV block) pairs at each level.
+
+        Raises:
+            ValueError: The map holds a factor other than 0, 1, 2, 4, 8.
+        """
+        self._check_factors()
         h = self.histogram_tensor().double()
         h = (h / h.sum().clamp(min=1)).tolist()
         return {"full": h[0], "pool2": h[1], "pool4": h[2], "pool8": h[3], "skip": h[4]}
@@ -134,6 +170,8 @@ def _validate(q, k, v, scale, key_padding_mask, token_types, backend) -> None:
         raise ValueError(f"batch size mismatch: q has {B}, k/v have {Bk}")
     if Dk != D:
         raise ValueError(f"head_dim mismatch: q has {D}, k/v have {Dk}")
+    if D == 0:
+        raise ValueError(f"head_dim is 0 (q has shape {tuple(q.shape)}); attention needs at least one feature per head")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv}) for GQA")
     if Lq == 0 or Lk == 0:
@@ -143,14 +181,13 @@ def _validate(q, k, v, scale, key_padding_mask, token_types, backend) -> None:
             f"Lq={Lq} > Lk={Lk}: PSA expects the keys to include every query position (prefill appends the "
             "new tokens to the cache before attention)"
         )
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     if key_padding_mask is not None:
         _check_tensor("key_padding_mask", key_padding_mask, 2)
         if tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(f"key_padding_mask must be [B, Lk] = {(B, Lk)}, got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+        _check_padding_values(key_padding_mask)
     if token_types is not None:
         _check_tensor("token_types", token_types, 2)
         if tuple(token_types.shape) != (B, Lk):
@@ -161,8 +198,50 @@ def _validate(q, k, v, scale, key_padding_mask, token_types, backend) -> None:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def _as_scale(scale) -> Optional[float]:
+    """``scale`` as a positive finite ``float`` (or ``None``): Python, NumPy and 0-d tensor numbers; no bools."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor) and scale.dim() != 0:
+        raise TypeError(f"scale must be a number or a 0-d tensor, got a tensor of shape {tuple(scale.shape)}")
+    v = _scalar(scale)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(
+            f"scale must be a positive number or None (meaning 1/sqrt(D)), got {scale!r} ({type(scale).__name__})"
+        )
+    v = float(v)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"scale must be a positive finite number or None (meaning 1/sqrt(D)), got {scale!r}")
+    return v
+
+
+def _check_padding_values(mask: torch.Tensor) -> None:
+    """``key_padding_mask`` convention: bool (``True`` = real token) or a 0/1 integer tensor (1 = real token).
+
+    Float masks are refused rather than converted: an additive mask (0 keep, ``-inf`` pad) would read the
+    other way round, and a fraction has no meaning. Integer masks are checked for values other than 0/1 (a
+    host synchronisation; pass a bool mask to avoid it).
+    """
+    if mask.dtype == torch.bool:
+        return
+    if mask.dtype not in _INT_MASK_DTYPES:
+        raise TypeError(
+            f"key_padding_mask has dtype {mask.dtype}; it must be bool (True = real token, False = padding) or an "
+            "integer tensor of 0/1 (1 = real token). For an additive float mask (0 keep, -inf pad) pass "
+            "`mask == 0`"
+        )
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"key_padding_mask holds the value {int(mask[bad][0])}; integer masks must be 0 (padding) or 1 "
+            "(real token)"
+        )
+
+
+def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
     """The backend a call on ``device`` runs: ``"fa4"``, ``"triton"`` or ``"reference"``.
+
+    ``device=None`` means the current CUDA device when one is available, else the CPU.
 
     ``"auto"``: on CUDA, ``"fa4"`` when FlashAttention-4 imports and the device has compute capability 9.x or
     newer (its first import takes a few seconds), else ``"triton"``; on the CPU, ``"reference"``.
@@ -175,6 +254,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if backend == "auto":
         if device.type != "cuda":
@@ -204,6 +285,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 _resolve_backend = resolve_backend
 
 
+def _pow2_at_least_16(x: int) -> bool:
+    return x >= 16 and (x & (x - 1)) == 0
+
+
 def check_config_for_backend(
     config: PSAConfig,
     backend: str = "auto",
@@ -211,44 +296,81 @@ def check_config_for_backend(
     device: Union[torch.device, str, None] = None,
     head_dim: Optional[int] = None,
 ) -> str:
-    """Check that ``backend`` can run ``config`` (and ``head_dim``) on ``device``; return the backend that will.
+    """Check that the backend that will run ``config`` supports it, where the config is chosen.
 
-    Meant for the place where a user sets these (patch time, CLI parse time), so that a bad combination fails
-    with one clear line instead of deep inside a kernel launch.
+    ``psa_attention`` / ``run_psa`` call it before any kernel, ``psa-vlm run`` at argument-parse time, the
+    lmms-eval model in its constructor and the model patch at patch time, so that an unsupported block size
+    fails with one clear line instead of deep inside ``generate``.
+
+    Limits (``kernels/attention/kernel.py``): the Triton kernels need ``block_q`` and ``block_k`` to be
+    powers of two >= 16 and ``head_dim <= 256``. The PyTorch reference runs every valid ``PSAConfig``
+    (block sizes multiples of ``stride`` and of the largest pool factor, which ``PSAConfig`` checks).
 
     Args:
-        config: The ``PSAConfig`` to run.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
-        device: Where the attention inputs will live (``None``: the CPU).
-        head_dim: The model's attention head dimension ``D``, if known.
+        config: The ``PSAConfig`` to check.
+        backend: ``"auto"``, ``"fa4"``, ``"triton"`` or ``"reference"`` (``resolve_backend``).
+        device: Device the attention will run on; ``None`` means CUDA if ``torch.cuda.is_available()``.
+        head_dim: Head dimension ``D`` of the attention, if known.
 
     Returns:
-        The resolved backend name, ``"triton"`` or ``"reference"`` (``"auto"``: Triton on CUDA).
+        The backend that will run: ``"fa4"``, ``"triton"`` or ``"reference"`` (``"fa4"`` runs its planning
+        stages in Triton, so Triton's limits apply to it too; attend calls FlashAttention-4 cannot express go to
+        the Triton kernel).
 
     Raises:
-        TypeError: ``config`` is not a ``PSAConfig``.
-        ValueError: Unknown backend, Triton on a CPU device without the interpreter, block sizes the Triton
-            kernels cannot tile (powers of two >= 16), or a head_dim outside 1..256 for Triton.
+        TypeError: ``config`` is not a ``PSAConfig``, or ``head_dim`` is not an int.
+        ValueError: Unknown backend, ``backend="triton"`` without CUDA (and no ``TRITON_INTERPRET=1``), or a
+            config/head_dim the chosen backend cannot run; the message names the value and the remedy.
     """
     if not isinstance(config, PSAConfig):
         raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    dev = torch.device("cpu" if device is None else device)
-    resolved = _resolve_backend(backend, dev)
-    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    if resolved == "triton":
-        for name in ("block_q", "block_k"):
-            b = getattr(config, name)
-            if b < 16 or b & (b - 1):
-                raise ValueError(
-                    f"PSAConfig.{name}={b}: the Triton kernels need a power of two >= 16 (e.g. 64 or 128); "
-                    "change the block size or use backend='reference'"
-                )
-        if head_dim is not None and head_dim > 256:
-            raise ValueError(f"head_dim {head_dim} is not supported by the Triton kernels (1..256); use backend='reference'")
+    if device is not None and not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not a torch device (e.g. 'cuda', 'cuda:1', 'cpu')") from None
+    if head_dim is not None:
+        d = _scalar(head_dim)
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"head_dim must be an int, got {head_dim!r}")
+        if d < 1:
+            raise ValueError(f"head_dim must be positive, got {d}")
+        head_dim = int(d)
+    try:
+        resolved = resolve_backend(backend, device)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    if resolved in ("triton", "fa4"):
+        if not (_pow2_at_least_16(config.block_q) and _pow2_at_least_16(config.block_k)):
+            raise ValueError(
+                f"block sizes block_q={config.block_q}, block_k={config.block_k} are not supported by the Triton "
+                "kernels, which need powers of two >= 16 (16, 32, 64, 128, 256); choose such a block size or "
+                "backend='reference'"
+            )
+        if head_dim is not None and head_dim > TRITON_MAX_HEAD_DIM:
+            raise ValueError(
+                f"head_dim={head_dim} is not supported by the Triton kernels (at most {TRITON_MAX_HEAD_DIM}); "
+                "use backend='reference'"
+            )
     return resolved
+
+
+def _finite_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, L]``: every feature of every head of the token is finite (one pass, no host sync)."""
+    lo, hi = torch.aminmax(x, dim=-1)  # NaN propagates into both; +-inf shows in one of them
+    return (torch.isfinite(lo) & torch.isfinite(hi)).all(1)
+
+
+def _nonfinite_value_blocks(v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], bk: int) -> torch.Tensor:
+    """Bool ``[B, nk]``: KV blocks whose values (at real keys) hold NaN or +-inf."""
+    B, _, Lk, _ = v.shape
+    bad = ~_finite_tokens(v)
+    if key_padding_mask is not None:
+        bad = bad & key_padding_mask
+    nk = cdiv(Lk, bk)
+    return torch.nn.functional.pad(bad, (0, nk * bk - Lk), value=False).reshape(B, nk, bk).any(-1)
 
 
 def _ops(backend: str):
@@ -347,6 +469,53 @@ def _on_q_device(fn):
     return wrapper
 
 
+def _padding_valid(key_padding_mask: torch.Tensor, kv_flags: torch.Tensor, lq: int, bq: int) -> torch.Tensor:
+    """Bool ``[B, nq, nk]``: pairs of a query block holding a real query and a KV block holding a real key."""
+    B, lk = key_padding_mask.shape
+    nq = cdiv(lq, bq)
+    q_real = key_padding_mask[:, lk - lq :]
+    q_real = torch.nn.functional.pad(q_real, (0, nq * bq - lq), value=False).reshape(B, nq, bq).any(-1)
+    kv_real = (kv_flags & KV_SKIP) == 0
+    return q_real[:, :, None] & kv_real[:, None, :]
+
+
+def _empty_plan(q: torch.Tensor, k: torch.Tensor, config: PSAConfig) -> PSAPlan:
+    """The plan of an empty batch (``B == 0`` or ``Hq == 0``): empty tensors of the right shapes."""
+    B, Hq, Lq, D = q.shape
+    nq, nk = cdiv(Lq, config.block_q), cdiv(k.shape[2], config.block_k)
+    dev = q.device
+    factors = torch.zeros(B, Hq, nq, nk, dtype=torch.int8, device=dev)
+    return PSAPlan(
+        level_map=LevelMap(factors, config.block_q, config.block_k, Lq, k.shape[2]),
+        kv_idx=torch.full((B, Hq, nq, nk), -1, dtype=torch.int32, device=dev),
+        counts=torch.zeros(B, Hq, nq, len(FACTOR_ORDER), dtype=torch.int32, device=dev),
+        k_pooled=k.new_empty(B, k.shape[1], 0, D),
+        v_pooled=k.new_empty(B, k.shape[1], 0, D),
+        pool_factors=(),
+        kv_flags=torch.zeros(B, nk, dtype=torch.int8, device=dev),
+    )
+
+
+def _eager_only(fn):
+    """Keep ``torch.compile`` out of ``fn``: under compilation it runs through ``torch.compiler.disable``.
+
+    The disabled wrapper is made on the first compiled call, so that importing psa_vlm does not import
+    ``torch._dynamo`` (seconds of start-up) for users who never compile.
+    """
+    disabled = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn))
+            return disabled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_eager_only
 @_on_q_device
 def run_psa(
     q: torch.Tensor,
@@ -365,17 +534,39 @@ def run_psa(
     """``psa_attention`` that also returns its ``PSAPlan`` (level map, block lists, pyramid).
 
     With ``plan_only=True`` the attention stage is skipped and the output is ``None``. ``out`` may be a
-    ``[B, Hq, Lq, D]`` tensor (any strides, e.g. a transposed ``[B, Lq, Hq, D]`` buffer) to write into.
-    Every kernel launches on ``q``'s device.
+    ``[B, Hq, Lq, D]`` tensor of ``q``'s dtype and device (any strides, e.g. a transposed ``[B, Lq, Hq, D]``
+    buffer) to write into; another shape, dtype or device raises. Every kernel launches on ``q``'s device.
+
+    ``torch.compile`` does not trace into this function (``torch.compiler.disable``): the stages are Triton
+    launches or, in the reference, shape-dependent PyTorch with host reads, and Inductor's CPU code generation
+    aborted the process on the reference path (SIGABRT at 40 tokens, torch 2.14). A compiled caller gets a
+    graph break here and runs PSA eagerly, with the same values.
     """
     config = PSAConfig() if config is None else config
     if not isinstance(config, PSAConfig):
         raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
     _validate(q, k, v, scale, key_padding_mask, token_types, backend)
-    be = _resolve_backend(backend, q.device)
-    pyramid_pool, block_importance, assign_levels, sparse_attention = _ops(be)
+    scale = _as_scale(scale)
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
+    be = check_config_for_backend(config, backend, device=q.device, head_dim=D)
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if tuple(out.shape) != (B, Hq, Lq, D):
+            raise ValueError(f"out must have shape [B, Hq, Lq, D] = {(B, Hq, Lq, D)}, got {tuple(out.shape)}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"out has dtype {out.dtype} but q has {q.dtype}; pass an out tensor of q's dtype")
+        if out.device != q.device:
+            raise ValueError(f"out is on {out.device} but q is on {q.device}")
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        key_padding_mask = key_padding_mask != 0  # a checked 0/1 integer mask
+    if B == 0 or Hq == 0:  # empty batch: every path returns an empty output
+        plan = _empty_plan(q, k, config)
+        if plan_only:
+            return None, plan
+        return (out if out is not None else q.new_empty(B, Hq, Lq, D)), plan
+    pyramid_pool, block_importance, assign_levels, sparse_attention = _ops(be)
     bq, bk = config.block_q, config.block_k
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -406,10 +597,18 @@ def run_psa(
             k, v, block_k=bk, factors=pool_factors, sim_thresholds=config.sim_thresholds
         )
         scores = block_importance(q, k, block_q=bq, block_k=bk, stride=config.stride, scale=scale)
+        # Non-finite inputs stay visible, as in SDPA (no host sync): a query block whose scores are not finite
+        # (a NaN/inf in its queries or in a key it sees) attends every visible block at full resolution, and a
+        # KV block holding a non-finite value is kept at full resolution wherever it is visible.
+        q_flags = q_flags | ~torch.isfinite(scores).all(-1).all(1)
+        bad_v = _nonfinite_value_blocks(v, key_padding_mask, bk)
+        kv_flags = kv_flags | torch.where(bad_v, KV_FORCE_FULL, 0).to(torch.int8)
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
         factors, kv_idx, counts = assign_levels(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=config)
 
+    valid = None if key_padding_mask is None else _padding_valid(key_padding_mask, kv_flags, Lq, bq)
     plan = PSAPlan(
-        level_map=LevelMap(factors, bq, bk, Lq, Lk),
+        level_map=LevelMap(factors, bq, bk, Lq, Lk, valid),
         kv_idx=kv_idx,
         counts=counts,
         k_pooled=k_pooled,
@@ -497,9 +696,11 @@ def psa_attention(
         level_map: A ``LevelMap`` or int ``[B, Hq, nq, nk]`` factors tensor to apply as is instead of
             estimating one (pooled factors on blocks that are not entirely in the past of every query of the
             query block, or that hold padding, are promoted to full resolution).
-        scale: Softmax scale, ``1/sqrt(D)`` if ``None``.
-        key_padding_mask: Optional bool ``[B, Lk]``, ``True`` for real tokens; padded keys are never attended
-            and a query row that sees no real key gives zeros.
+        scale: Softmax scale, ``1/sqrt(D)`` if ``None``: a positive finite number (Python, NumPy or 0-d
+            tensor; ``bool`` is refused).
+        key_padding_mask: Optional ``[B, Lk]``: bool (``True`` = real token) or integer 0/1 (1 = real token);
+            float masks raise ``TypeError`` (an additive 0/-inf mask would read backwards). Padded keys are
+            never attended and a query row that sees no real key gives zeros.
         token_types: Optional int ``[B, Lk]``: 0 text, non-zero visual (video/image placeholder); text blocks
             are kept at full resolution. Without it the last ``config.text_tail`` tokens count as text.
         backend: ``"auto"`` (FlashAttention-4 where installed on a Hopper-or-newer GPU, else Triton, on CUDA
@@ -508,7 +709,14 @@ def psa_attention(
             of the sparse stage when that is predicted faster (``psa_vlm.cost``).
 
     Returns:
-        ``[B, Hq, Lq, D]`` in ``q``'s dtype.
+        ``[B, Hq, Lq, D]`` in ``q``'s dtype (empty when ``B == 0``). A NaN or infinity in ``q``, ``k`` or
+        ``v`` propagates as in SDPA: every row that attends to it is non-finite (the affected query blocks run
+        at full resolution, so no level map hides it); rows that see no key give zeros.
+
+    Raises:
+        TypeError: Wrong types or dtypes (tensors, ``scale``, ``key_padding_mask``, ``config``).
+        ValueError: Inconsistent shapes/devices, ``D == 0``, ``Lq > Lk``, or a config the backend cannot run
+            (``check_config_for_backend``).
     """
     out, _ = run_psa(
         q,

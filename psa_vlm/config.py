@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 __all__ = ["PSAConfig", "PRESETS", "ALL_FACTORS"]
 
@@ -22,6 +23,41 @@ __all__ = ["PSAConfig", "PRESETS", "ALL_FACTORS"]
 ALL_FACTORS: Tuple[int, ...] = (1, 2, 4, 8)
 
 _MODES = ("threshold", "quota")
+
+#: Integer fields; NumPy integers and 0-d integer tensors are accepted and stored as ``int``.
+_INT_FIELDS = ("block_q", "block_k", "stride", "min_seq_len", "text_tail", "sink_blocks")
+
+
+def _scalar(value: Any) -> Any:
+    """``value`` as a Python scalar if it is a NumPy scalar or a 0-d tensor (checked without importing either)."""
+    item = getattr(value, "item", None)
+    if item is not None and getattr(value, "ndim", None) == 0 and getattr(value, "shape", None) == ():
+        return item()
+    return value
+
+
+def _as_int(value: Any, name: str) -> int:
+    """An integer (Python, NumPy or 0-d tensor) as ``int``; ``bool`` and floats are refused with ``TypeError``."""
+    v = _scalar(value)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(v)
+
+
+def _as_float(value: Any, name: str) -> float:
+    """A real number (Python, NumPy or 0-d tensor) as ``float``; ``bool`` and non-numbers raise ``TypeError``."""
+    v = _scalar(value)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must hold numbers, got {value!r} ({type(value).__name__})")
+    return float(v)
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """A boolean (Python, NumPy or 0-d bool tensor) as ``bool``; anything else raises ``TypeError``."""
+    v = _scalar(value)
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return v
 
 
 def _quota_pyramid(density: float) -> Tuple[float, float, float, float]:
@@ -55,10 +91,19 @@ class PSAConfig:
         sink_blocks: Number of leading KV blocks always kept at full resolution (attention sink).
         dense: If true every causally visible block is full resolution (the ``"dense"`` preset): exact
             causal attention with no estimation.
+
         dense_guard: On the GPU backends, run dense attention instead of the sparse stage when the level map's
             predicted cost (``psa_vlm.cost``) is not below the fastest dense attention's (one host read of the
             level histogram per call; recorded in the plan and in ``psa_stats``). Not applied with a given
             level map, a key padding mask, or ``Lq < Lk`` on the Triton backend.
+
+    Numbers are accepted as numbers: Python, NumPy scalars and 0-d tensors, stored as ``int`` / ``float``.
+    ``bool`` is not a number here (``PSAConfig(block_q=True)`` raises ``TypeError``).
+
+    Raises:
+        TypeError: A field of the wrong type (a float or bool where an int is expected, a non-number in a
+            tuple, a non-bool ``dense``); the message names the field.
+        ValueError: A value out of range or inconsistent with another field; the message names the field.
     """
 
     block_q: int = 128
@@ -77,20 +122,30 @@ class PSAConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        # Normalise sequences to tuples so that configs built from lists (CLI, YAML) hash and compare.
+        # Normalise numbers and sequences first, so that configs built from lists (CLI, YAML), NumPy scalars or
+        # 0-d tensors hash, compare and reach the kernels as plain Python ints and floats.
+        for name in _INT_FIELDS:
+            object.__setattr__(self, name, _as_int(getattr(self, name), f"PSAConfig.{name}"))
         for name in ("pool_factors", "thresholds", "quotas", "sim_thresholds"):
             val = getattr(self, name)
-            if val is not None and not isinstance(val, tuple):
-                try:
-                    object.__setattr__(self, name, tuple(val))
-                except TypeError:
-                    raise ValueError(f"PSAConfig.{name} must be a sequence, got {val!r}") from None
+            if val is None:
+                continue
+            if isinstance(val, (str, bytes)) or not hasattr(val, "__iter__"):
+                raise TypeError(f"PSAConfig.{name} must be a sequence of numbers, got {val!r}")
+            items = list(val)
+            if name == "pool_factors":
+                items = [_as_int(x, f"PSAConfig.{name}") for x in items]
+            else:
+                items = [_as_float(x, f"PSAConfig.{name}") for x in items]
+            object.__setattr__(self, name, tuple(items))
+        object.__setattr__(self, "dense", _as_bool(self.dense, "PSAConfig.dense"))
+        object.__setattr__(self, "dense_guard", _as_bool(self.dense_guard, "PSAConfig.dense_guard"))
         self._validate()
 
     def _validate(self) -> None:
         def check_int(name: str, minimum: int) -> None:
             val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
+            if val < minimum:
                 what = "a positive int" if minimum > 0 else "an int >= 0"
                 raise ValueError(f"PSAConfig.{name} must be {what}, got {val!r}")
 
@@ -114,7 +169,7 @@ class PSAConfig:
             )
         if self.mode not in _MODES:
             raise ValueError(f"PSAConfig.mode must be one of {_MODES}, got {self.mode!r}")
-        if len(self.thresholds) != 4 or not all(isinstance(t, (int, float)) for t in self.thresholds):
+        if len(self.thresholds) != 4:
             raise ValueError(
                 f"PSAConfig.thresholds must be 4 numbers for factors (1, 2, 4, 8), got {self.thresholds!r}"
             )
@@ -126,7 +181,7 @@ class PSAConfig:
             if self.quotas is None:
                 raise ValueError("PSAConfig.quotas must be set (4 fractions for factors 1, 2, 4, 8) in quota mode")
         if self.quotas is not None:
-            if len(self.quotas) != 4 or not all(isinstance(t, (int, float)) for t in self.quotas):
+            if len(self.quotas) != 4:
                 raise ValueError(f"PSAConfig.quotas must be 4 numbers for factors (1, 2, 4, 8), got {self.quotas!r}")
             if any(not (0.0 <= t <= 1.0) or math.isnan(t) for t in self.quotas) or sum(self.quotas) > 1.0 + 1e-9:
                 raise ValueError(f"PSAConfig.quotas must lie in [0, 1] and sum to at most 1, got {self.quotas!r}")
@@ -136,16 +191,12 @@ class PSAConfig:
                         f"PSAConfig.quotas gives factor {f} a share {qv} but {f} is not in pool_factors={self.pool_factors}"
                     )
         if self.sim_thresholds is not None:
-            if len(self.sim_thresholds) != 3 or not all(isinstance(t, (int, float)) for t in self.sim_thresholds):
+            if len(self.sim_thresholds) != 3:
                 raise ValueError(
                     f"PSAConfig.sim_thresholds must be 3 numbers for factors (2, 4, 8) or None, got {self.sim_thresholds!r}"
                 )
             if any(not (-1.0 <= t <= 1.0) or math.isnan(t) for t in self.sim_thresholds):
                 raise ValueError(f"PSAConfig.sim_thresholds must lie in [-1, 1], got {self.sim_thresholds!r}")
-        if not isinstance(self.dense, bool):
-            raise ValueError(f"PSAConfig.dense must be a bool, got {self.dense!r}")
-        if not isinstance(self.dense_guard, bool):
-            raise ValueError(f"PSAConfig.dense_guard must be a bool, got {self.dense_guard!r}")
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -23,16 +23,46 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens (default 4096)")
-    p.add_argument("--heads", type=int, default=4, help="query heads (default 4)")
-    p.add_argument("--kv-heads", type=int, default=2, help="KV heads (default 2)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
-    p.add_argument("--tokens-per-frame", type=int, default=256, help="visual tokens per frame (default 256)")
-    p.add_argument("--preset", default="paper", help="PSA preset (default paper)")
-    p.add_argument("--block", type=int, default=None, help="block size for queries and keys (default: preset's)")
+    from .cli import nonnegative_int, positive_int, preset_name
+
+    p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens (default 4096)")
+    p.add_argument("--heads", type=positive_int, default=4, help="query heads (default 4)")
+    p.add_argument("--kv-heads", type=positive_int, default=2, help="KV heads (default 2)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="head dimension (default 64)")
+    p.add_argument("--tokens-per-frame", type=positive_int, default=256, help="visual tokens per frame (default 256)")
+    p.add_argument("--preset", type=preset_name, default="paper",
+                   help=f"PSA preset: {', '.join(PSAConfig.preset_names())} (default paper)")
+    p.add_argument("--block", type=positive_int, default=None,
+                   help="block size for queries and keys (default: preset's)")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+
+
+def _config(args: argparse.Namespace) -> PSAConfig:
+    cfg = PSAConfig.preset(args.preset)
+    if args.block:
+        cfg = cfg.replace(block_q=args.block, block_k=args.block)
+    return cfg
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks across arguments, at parse time (``psa_vlm.cli``): one-line errors, exit status 2."""
+    from .api import check_config_for_backend
+    from .cli import CLIError
+
+    if args.heads % args.kv_heads:
+        raise CLIError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        raise CLIError(f"--device {args.device!r} is not a torch device (cuda or cpu)") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but no CUDA GPU is visible")
+    try:
+        check_config_for_backend(_config(args), args.backend, device=device, head_dim=args.head_dim)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,15 +93,11 @@ def compare(
 def main(args: argparse.Namespace) -> int:
     from .cli import CLIError
 
+    check_arguments(args)
     try:
-        cfg = PSAConfig.preset(args.preset)
-        if args.block:
-            cfg = cfg.replace(block_q=args.block, block_k=args.block)
-    except ValueError as exc:
+        cfg = _config(args)
+    except (TypeError, ValueError) as exc:
         raise CLIError(str(exc)) from None
-    if args.seq_len <= 0 or args.heads <= 0 or args.kv_heads <= 0 or args.heads % args.kv_heads:
-        raise CLIError(f"need positive --seq-len and --heads a multiple of --kv-heads, got {args.seq_len}, "
-                       f"{args.heads}, {args.kv_heads}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     q, k, v = video_like_qkv(

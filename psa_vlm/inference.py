@@ -31,6 +31,9 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "CheckpointError",
     "VideoError",
+    "PromptTooLongError",
+    "max_prompt_length",
+    "check_prompt_length",
     "parse_number_list",
     "psa_config_from_options",
     "check_qwen25vl_checkpoint",
@@ -65,6 +68,43 @@ class CheckpointError(ValueError):
 
 class VideoError(ValueError):
     """A video file that is missing or cannot be decoded."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt with more tokens than the model's maximum (``max_position_embeddings``)."""
+
+
+def max_prompt_length(model: Any) -> Optional[int]:
+    """The language model's ``max_position_embeddings`` (``None`` if the config does not say)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limit = getattr(text, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def check_prompt_length(model: Any, n_tokens: int, *, new_tokens: int = 0, options: str = "the number of frames "
+                        "or the pixels per frame") -> None:
+    """Raise ``PromptTooLongError`` before prefill if ``n_tokens + new_tokens`` exceeds the model's maximum.
+
+    The maximum is the text config's ``max_position_embeddings``, the context the checkpoint was made for. A
+    longer prompt is not rejected by transformers: a 60,153-token prompt for a 32,768-token model ran in
+    prefill for over 15 minutes before it was killed (issue #11).
+
+    Args:
+        model: A model with a transformers config.
+        n_tokens: Prompt tokens.
+        new_tokens: Tokens to be generated after the prompt.
+        options: What the caller can lower, named in the message (e.g. ``--fps, --max-frames or --max-pixels``).
+    """
+    limit = max_prompt_length(model)
+    if limit is not None and n_tokens + new_tokens > limit:
+        extra = f" + {new_tokens} new" if new_tokens else ""
+        raise PromptTooLongError(
+            f"the prompt has {n_tokens} tokens{extra}, more than this model's maximum of {limit} "
+            f"(max_position_embeddings); lower {options}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -328,10 +368,12 @@ class VideoInfo:
 
 
 def probe_video(path: PathLike) -> VideoInfo:
-    """Open a video with decord (the reader qwen-vl-utils uses) and read its size, length and rate.
+    """Open a video with decord (the reader qwen-vl-utils uses) and read its size, length and rate; a video
+    decord cannot read (or reads wrongly: small or narrow frames) is probed with PyAV, which then reads its
+    frames (``prepare_inputs``).
 
     Raises:
-        VideoError: Missing file, a directory, or a file decord cannot decode.
+        VideoError: Missing file, a directory, a file neither decoder can read, or fewer than 2 frames.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -356,10 +398,21 @@ def probe_video(path: PathLike) -> VideoInfo:
         vr = decord.VideoReader(str(p))
         n = len(vr)
         fps = float(vr.get_avg_fps())
-        h, w = vr[0].shape[:2]
-    except Exception as exc:  # decord raises its own DECORDError and RuntimeErrors
-        msg = str(exc).strip().splitlines()
-        raise VideoError(f"cannot decode video {str(path)!r}: {msg[0] if msg else type(exc).__name__}") from None
+        first = vr[0]
+        h, w = first.shape[:2]
+        decord_ok = first.shape[-1] == 3  # decord 0.6 gives 4 or 6 "channels" for some small widths
+    except Exception:  # decord raises its own DECORDError and RuntimeErrors
+        decord_ok = False
+    if not decord_ok:  # frames are read with PyAV then (psa_vlm.video.decode)
+        from .video.decode import probe_pyav
+
+        try:
+            pinfo = probe_pyav(str(p))
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()
+            raise VideoError(f"cannot decode video {str(path)!r}: {msg[0] if msg else type(exc).__name__}") from None
+        n, fps, w, h = pinfo.frames, pinfo.fps, pinfo.width, pinfo.height
+        logger.info("decord cannot read %s; its frames are read with PyAV", p.name)
     if n < 2:
         raise VideoError(f"video {str(path)!r} has {n} frame(s); at least 2 are needed")
     return VideoInfo(str(p.resolve()), int(n), fps, int(w), int(h))
@@ -414,7 +467,8 @@ def video_messages(
 def prepare_inputs(processor: Any, messages: List[Dict[str, Any]]) -> Any:
     """Tokenise a chat with videos: chat template, qwen-vl-utils frame loading, processor.
 
-    The frames' ``video_metadata`` goes to the processor (otherwise transformers 5.x assumes 24 fps and the
+    Frames are read by qwen-vl-utils (decord), or with PyAV for videos decord cannot read
+    (``psa_vlm.video.decode.pyav_fallback``). The frames' ``video_metadata`` goes to the processor (otherwise transformers 5.x assumes 24 fps and the
     temporal positions ``second_per_grid_ts`` are wrong), and the video processor's pixel range is set to
     the messages' so that it does not resize the frames a second time.
 
@@ -424,10 +478,13 @@ def prepare_inputs(processor: Any, messages: List[Dict[str, Any]]) -> Any:
     """
     from qwen_vl_utils import process_vision_info
 
+    from .video.decode import pyav_fallback
+
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    images, videos, video_kwargs = process_vision_info(
-        messages, return_video_kwargs=True, return_video_metadata=True
-    )
+    with pyav_fallback():  # videos decord cannot read are read with PyAV (qwen-vl-utils' fallback is broken)
+        images, videos, video_kwargs = process_vision_info(
+            messages, return_video_kwargs=True, return_video_metadata=True
+        )
     kwargs: Dict[str, Any] = dict(video_kwargs or {})
     metadata = None
     if videos is not None:

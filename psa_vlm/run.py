@@ -7,8 +7,11 @@ that demo the block size and ``min_seq_len`` are lowered (32 and 64 instead of 1
 really runs on the ~280-token prompt; the output says so. With ``--model DIR`` any local Qwen2.5-VL
 checkpoint (3B/7B/72B) is loaded: bf16 on CUDA, fp32 on the CPU.
 
-Frames are read by qwen-vl-utils with decord and handed to the processor with their metadata, so the
-temporal positions match the sampled frame rate. Without ``--fps`` the video is sampled evenly to
+Frames are read by qwen-vl-utils with decord (with PyAV for videos decord cannot read) and handed to the
+processor with their metadata, so the temporal positions match the sampled frame rate. Argument errors,
+including a PSA config the chosen backend cannot run (``--block-size 24`` with the Triton kernels), fail at
+parse time with one line and exit status 2; a prompt longer than the model's ``max_position_embeddings`` fails
+before prefill, naming ``--fps``, ``--max-frames`` and ``--max-pixels``. Without ``--fps`` the video is sampled evenly to
 ``--max-frames`` frames (lmms-eval's rule); with ``--fps`` one frame every ``1/fps`` seconds, capped at
 ``--max-frames``.
 
@@ -31,12 +34,15 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .config import PRESETS, PSAConfig
+from .api import check_config_for_backend
 from .inference import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     CheckpointError,
     GenerationTiming,
+    PromptTooLongError,
     VideoError,
+    check_prompt_length,
     default_device,
     frame_count,
     generate_timed,
@@ -46,6 +52,7 @@ from .inference import (
     psa_config_from_options,
     resolve_model_dir,
     summarize_psa_stats,
+    tiny_checkpoint_info,
     video_messages,
 )
 
@@ -63,32 +70,36 @@ TINY_DEMO_TEXT_TAIL = 32
 DEFAULT_MAX_FRAMES = 64
 #: Prompt when a video is given without one.
 DEFAULT_PROMPT = "Describe what happens in this video."
+#: What to lower when the prompt is longer than the model's maximum.
+RUN_LENGTH_OPTIONS = "--fps, --max-frames or --max-pixels (or --max-new-tokens)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``psa-vlm run``."""
+    from .cli import nonnegative_int, positive_float, positive_int
+
     parser.add_argument("--video", default=None, help="video file (default: the bundled synthetic clip)")
     parser.add_argument("--prompt", default=None,
                         help="question (default: the bundled clip's question, or a generic one for --video)")
     parser.add_argument("--model", default=None,
                         help="local Qwen2.5-VL checkpoint directory (default: the tiny offline model)")
     parser.add_argument("--preset", default="paper", help=f"PSA preset: {', '.join(PRESETS)} (default paper)")
-    parser.add_argument("--max-frames", type=int, default=None,
+    parser.add_argument("--max-frames", type=positive_int, default=None,
                         help=f"frames to sample (default {DEFAULT_MAX_FRAMES}; the cap with --fps, default 768)")
-    parser.add_argument("--fps", type=float, default=None, help="sample this many frames per second instead")
-    parser.add_argument("--max-pixels", type=int, default=None,
+    parser.add_argument("--fps", type=positive_float, default=None, help="sample this many frames per second instead")
+    parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help=f"per-frame pixel cap (default {DEFAULT_MAX_PIXELS} = 360x420)")
-    parser.add_argument("--min-pixels", type=int, default=None,
+    parser.add_argument("--min-pixels", type=positive_int, default=None,
                         help=f"per-frame pixel floor (default {DEFAULT_MIN_PIXELS})")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also run unpatched dense attention: speed-up and answer agreement")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                         help="PSA kernels: auto (Triton on CUDA, PyTorch reference on CPU)")
-    parser.add_argument("--min-seq-len", type=int, default=None,
+    parser.add_argument("--min-seq-len", type=nonnegative_int, default=None,
                         help="prefills shorter than this run dense (default: the preset's, 4096; 64 on the tiny demo)")
-    parser.add_argument("--block-size", type=int, default=None,
+    parser.add_argument("--block-size", type=positive_int, default=None,
                         help="PSA query/KV block size (default: the preset's, 128; 32 on the tiny demo)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (default 16)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length cap (default 16)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
 
@@ -97,6 +108,39 @@ def _cli_error(msg: str) -> Exception:
     from .cli import CLIError
 
     return CLIError(msg)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model and no video, at parse time (``psa_vlm.cli``): one line, exit status 2.
+
+    Includes the PSA config against the backend that will run it (``check_config_for_backend``: the Triton
+    kernels need power-of-two block sizes >= 16), so that ``--block-size 24`` on a GPU fails here and not inside
+    ``generate``.
+    """
+    _validate(args)
+    tiny = args.model is None or tiny_checkpoint_info(args.model) is not None
+    cfg, _ = _psa_config(args, tiny)
+    device = torch.device(args.device) if args.device else default_device()
+    head_dim = None if args.model is None else _head_dim(args.model)
+    try:
+        check_config_for_backend(cfg, args.backend, device=device, head_dim=head_dim)
+    except (TypeError, ValueError) as exc:
+        raise _cli_error(f"{exc} (--block-size, --backend)") from None
+
+
+def _head_dim(model_dir: str) -> Optional[int]:
+    """The language model's head dimension from ``config.json`` (``None`` if it cannot be read)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the checkpoint check reports it later
+    text = cfg.get("text_config") or cfg
+    if text.get("head_dim"):
+        return int(text["head_dim"])
+    heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
+    return int(hidden) // int(heads) if heads and hidden else None
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -188,7 +232,7 @@ def _fmt_s(x: float) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> int:
     """``psa-vlm run``: see the module docstring."""
-    _validate(args)
+    check_arguments(args)
     bundled = None
     if args.video is None:
         from .video.synth import default_clip
@@ -245,6 +289,10 @@ def main(args: argparse.Namespace) -> int:
         raise _cli_error(f"cannot process video {video_path!r}: {msg[0] if msg else type(exc).__name__}") from None
     video_token_id = getattr(model.config, "video_token_id", None)
     n_prompt = int(inputs["input_ids"].shape[1])
+    try:  # before any prefill: a prompt longer than the model ran for many minutes before failing
+        check_prompt_length(model, n_prompt, new_tokens=args.max_new_tokens, options=RUN_LENGTH_OPTIONS)
+    except PromptTooLongError as exc:
+        raise _cli_error(str(exc)) from None
     n_video = int((inputs["input_ids"] == video_token_id).sum()) if video_token_id is not None else 0
     grid = inputs["video_grid_thw"][0].tolist() if "video_grid_thw" in inputs else None
     spg = inputs.get("second_per_grid_ts")

@@ -61,10 +61,18 @@ def test_frozen_and_override():
         (dict(min_seq_len=-1), "min_seq_len"),
         (dict(text_tail=-5), "text_tail"),
         (dict(sink_blocks=-1), "sink_blocks"),
-        (dict(block_q=True), "block_q"),
-        (dict(dense="yes"), "dense"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"PSAConfig.{field}"):
+        PSAConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(block_q=True), "block_q"), (dict(dense="yes"), "dense"), (dict(thresholds=(True,) * 4), "thresholds")],
+)
+def test_wrong_types_name_the_field(kwargs, field):
+    # bools are not numbers and strings are not bools (issue #11 item 8)
+    with pytest.raises(TypeError, match=f"PSAConfig.{field}"):
         PSAConfig(**kwargs)

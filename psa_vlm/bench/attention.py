@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..config import PSAConfig
+from ..config import PRESETS, PSAConfig
 from .common import append_csv, binary_config_at_density, environment, median_ms, write_markdown
 
 logger = logging.getLogger(__name__)
@@ -41,16 +41,24 @@ MD_COLUMNS = [
 DEFAULT_PRESETS = "quota-0.1,binary-0.1,quota-0.2,binary-0.2,quota-0.3,binary-0.3,paper,binary@paper"
 
 
+def _known_method(name: str) -> bool:
+    return name in PRESETS or (name.startswith("binary@") and name.split("@", 1)[1] in PRESETS)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-lens", default="16384,32768,65536,131072", help="comma-separated token counts")
-    p.add_argument("--presets", default=DEFAULT_PRESETS,
+    from ..cli import choice_list, output_file, positive_int, positive_int_list
+
+    p.add_argument("--seq-lens", type=positive_int_list, default="16384,32768,65536,131072",
+                   help="comma-separated token counts")
+    p.add_argument("--presets", type=choice_list(_known_method, "presets"), default=DEFAULT_PRESETS,
                    help="comma-separated presets; 'binary@P' is keep/drop with its quota corrected to P's measured density")
-    p.add_argument("--heads", type=int, default=28)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--heads", type=positive_int, default=28)
+    p.add_argument("--kv-heads", type=positive_int, default=4)
+    p.add_argument("--head-dim", type=positive_int, default=128)
     p.add_argument("--input", choices=("video", "random"), default="video", help="video-like or random q/k/v")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
-    p.add_argument("--out", default="eval/results/attention.csv", help="CSV to append to ('' for none)")
+    p.add_argument("--rep", type=positive_int, default=100, help="do_bench repetition time in ms")
+    p.add_argument("--out", type=output_file, default="eval/results/attention.csv",
+                   help="CSV to append to ('' for none)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks (no speed-ups printed)")
     p.add_argument("--backend", default="auto", choices=("auto", "fa4", "triton"),
                    help="PSA backend (auto: FlashAttention-4 attend stage where installed, else Triton)")
@@ -215,6 +223,23 @@ def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backen
     return row
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks across arguments, at parse time (``psa_vlm.cli``)."""
+    from ..api import check_config_for_backend
+    from ..cli import CLIError
+
+    if args.heads % args.kv_heads:
+        raise CLIError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    for name in args.presets:
+        base = name.split("@", 1)[1] if name.startswith("binary@") else name
+        if name.startswith("binary@") and base not in args.presets[: args.presets.index(name)]:
+            raise CLIError(f"{name}: list preset {base!r} before it in --presets (its density is measured first)")
+        try:  # the Triton kernels' limits (head_dim <= 256)
+            check_config_for_backend(PSAConfig.preset(base), "triton", device="cuda", head_dim=args.head_dim)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+
+
 def main(args: argparse.Namespace) -> int:
     from ..cli import CLIError
 
@@ -229,8 +254,8 @@ def main(args: argparse.Namespace) -> int:
         backend = resolve_backend(args.backend, torch.device("cuda"))
     except (ImportError, ValueError) as exc:
         raise CLIError(str(exc)) from None
-    seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
-    presets = [x for x in args.presets.split(",") if x]
+    seq_lens = args.seq_lens
+    presets = args.presets
     results: List[Dict] = []
     torch.manual_seed(0)
     for L in seq_lens:

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..config import PSAConfig
+from ..config import PRESETS, PSAConfig
 from .common import append_csv, environment, write_markdown
 from .synthetic import video_like_embeddings
 
@@ -44,17 +44,34 @@ CHECK_TOL = 5e-2
 DEFAULT_METHODS = "dense,paper,quota-0.1,quota-0.2,quota-0.3,binary@quota-0.2,binary@paper"
 
 
+def _known_method(name: str) -> bool:
+    base = name.split("@", 1)[1] if name.startswith("binary@") else name
+    return name == "dense" or base in PRESETS
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-lens", default="16384,32768,65536,131072")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
+    from ..cli import choice_list, existing_dir, output_file, positive_int, positive_int_list
+
+    p.add_argument("--seq-lens", type=positive_int_list, default="16384,32768,65536,131072")
+    p.add_argument("--methods", type=choice_list(_known_method, "methods"), default=DEFAULT_METHODS,
                    help="'dense' (unpatched SDPA), PSA presets, or 'binary@P' (keep/drop at P's measured density)")
-    p.add_argument("--model", default=None, help="local Qwen2.5-VL checkpoint (default: random 7B-shaped weights)")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's, 28 for 7B)")
-    p.add_argument("--frame-size", type=int, default=448,
+    p.add_argument("--model", type=existing_dir, default=None,
+                   help="local Qwen2.5-VL checkpoint (default: random 7B-shaped weights)")
+    p.add_argument("--layers", type=positive_int, default=None, help="decoder layers (default: the model's, 28 for 7B)")
+    p.add_argument("--frame-size", type=positive_int, default=448,
                    help="with --model: frame side in pixels of the synthetic video (default 448: 256 tokens / 2 frames)")
-    p.add_argument("--reps", type=int, default=3, help="timed prefills per method (median)")
-    p.add_argument("--out", default="eval/results/prefill.csv", help="CSV to append to ('' for none)")
-    p.add_argument("--figure", default="eval/results/prefill.png", help="PNG figure ('' for none)")
+    p.add_argument("--reps", type=positive_int, default=3, help="timed prefills per method (median)")
+    p.add_argument("--out", type=output_file, default="eval/results/prefill.csv", help="CSV to append to ('' for none)")
+    p.add_argument("--figure", type=output_file, default="eval/results/prefill.png", help="PNG figure ('' for none)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks across arguments, at parse time (``psa_vlm.cli``)."""
+    from ..cli import CLIError
+
+    for i, m in enumerate(args.methods):
+        if m.startswith("binary@") and m.split("@", 1)[1] not in args.methods[:i]:
+            raise CLIError(f"{m}: list {m.split('@', 1)[1]!r} before it in --methods (its density is measured first)")
 
 
 def _text_config(layers: Optional[int]):
@@ -160,9 +177,9 @@ def main(args: argparse.Namespace) -> int:
         processor = AutoProcessor.from_pretrained(args.model)
     tc = model.config.get_text_config()
     n_layers = tc.num_hidden_layers
-    methods = [m for m in args.methods.split(",") if m]
+    methods = list(args.methods)
     rows: List[Dict] = []
-    for L in [int(x) for x in args.seq_lens.split(",") if x]:
+    for L in args.seq_lens:
         t_len = time.time()
         if args.model:
             # real video tokens through the checkpoint's processor (vision tower included in the TTFT)

@@ -15,6 +15,13 @@ PSA options in ``--model_args`` (lists use ``/`` because ``,`` separates argumen
     sim_thresholds=0.75/0.7/0.7 | none      pool_factors=2/4/8 | none
     backend=auto | triton | reference       psa_layers=0/1/2 (default: all layers)
 
+The PSA config is checked against the backend that will run it in the constructor, before the model loads
+(``psa_vlm.api.check_config_for_backend``: e.g. ``block_size=24`` on a GPU raises ``ValueError`` there, not
+inside ``generate``), and again with the model's head dimension once it is loaded. A prompt longer than the
+model's ``max_position_embeddings`` raises ``PromptTooLongError`` before its prefill (lower
+``max_num_frames``, ``fps`` or ``max_pixels``). Videos decord cannot read are read with PyAV
+(``psa_vlm.video.decode``).
+
 Besides lmms-eval's ``qwen2_5_vl`` arguments it accepts ``dtype=float32`` (or ``float16``): lmms-eval loads the
 weights in bf16, which is very slow on CPUs; the cast happens after loading (default: keep bf16).
 
@@ -37,8 +44,10 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _LmmsQwen25VLChat
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _LmmsQwen25VLSimple
 
+from ..api import check_config_for_backend
 from ..config import PSAConfig
-from ..inference import PrefillTimer, psa_config_from_options, summarize_psa_stats
+from ..inference import PrefillTimer, check_prompt_length, psa_config_from_options, summarize_psa_stats
+from ..video.decode import pyav_fallback
 from . import PSA_MODEL_ARGS
 
 __all__ = ["Qwen2_5_VL_PSA", "Qwen2_5_VL_PSASimple", "PSATokenCounts", "PSA_MODEL_ARGS"]
@@ -101,11 +110,13 @@ class _PSAMixin:
             gc.collect()
             return
         self._psa_timer.detach()
+        self._psa_length_check.remove()
         super().clean()  # type: ignore[misc]
 
     def _psa_setup(self, options: Dict[str, Any]) -> None:
         self.psa_records = []
         self._psa_timer = PrefillTimer(self.model).attach()
+        self._psa_length_check = self.model.register_forward_pre_hook(_prompt_length_hook, with_kwargs=True)
         self.set_psa(**options)
 
     def set_psa(self, preset: str = "paper", **options: Any) -> PSAConfig:
@@ -127,6 +138,10 @@ class _PSAMixin:
         if unknown:
             raise ValueError(f"unknown PSA options {sorted(unknown)}; known: {', '.join(PSA_MODEL_ARGS)}")
         config = psa_config_from_options(preset, **options)
+        if preset != "dense":  # the dense control runs unpatched: no PSA kernel to check against
+            text = self.model.config.get_text_config()
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            check_config_for_backend(config, backend, device=self.model.device, head_dim=head_dim)
         self.psa_preset = str(preset)
         self.psa_config = config
         self.psa_backend = backend
@@ -164,7 +179,8 @@ class _PSAMixin:
         for i in range(0, len(requests), step):
             chunk = requests[i : i + step]
             self._psa_timer.reset()
-            results = super().generate_until(chunk)  # type: ignore[misc]
+            with pyav_fallback():  # videos decord cannot read are read with PyAV (psa_vlm.video.decode)
+                results = super().generate_until(chunk)  # type: ignore[misc]
             m = self._measure()
             for req, res in zip(chunk, results):
                 text = res.text if isinstance(res, GenerationResult) else res
@@ -193,6 +209,24 @@ class _PSAMixin:
 
 
 _DTYPES = ("bfloat16", "float16", "float32")
+#: What to lower when a prompt is longer than the model (lmms-eval ``--model_args`` names).
+LENGTH_OPTIONS = "max_num_frames, fps or max_pixels in --model_args"
+
+
+def _prompt_length_hook(module: Any, args: Any, kwargs: Dict[str, Any]) -> None:
+    """Forward pre-hook on the model: reject a prompt longer than ``max_position_embeddings`` before prefill."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is not None and getattr(ids, "dim", lambda: 0)() >= 2:
+        check_prompt_length(module, int(ids.shape[1]), options=LENGTH_OPTIONS)
+
+
+def _device_of(kwargs: Dict[str, Any]) -> Optional[str]:
+    dev = kwargs.get("device")
+    if dev is None:
+        dev = kwargs.get("device_map")
+    return dev if isinstance(dev, str) and dev not in ("auto", "") else None
 
 
 def _init(self: Any, base: type, pretrained: str, attn_implementation: Optional[str], kwargs: Dict[str, Any]) -> None:
@@ -204,7 +238,10 @@ def _init(self: Any, base: type, pretrained: str, attn_implementation: Optional[
     probe = dict(psa_options)
     probe.pop("backend", None)
     _parse_layers(probe.pop("psa_layers", None))
-    psa_config_from_options(str(probe.pop("preset", "paper")), **probe)
+    preset = str(probe.pop("preset", "paper"))
+    config = psa_config_from_options(preset, **probe)
+    if preset != "dense":  # the dense control runs unpatched
+        check_config_for_backend(config, str(psa_options.get("backend", "auto")), device=_device_of(kwargs))
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(
             f"qwen2_5_vl_psa loads the checkpoint with dense 'sdpa' or 'eager' attention and then patches PSA in; "

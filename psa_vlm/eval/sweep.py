@@ -82,17 +82,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated lmms-eval tasks (default {DEFAULT_TASKS})")
     parser.add_argument("--presets", default=DEFAULT_PRESETS,
                         help=f"comma-separated PSA presets (default {DEFAULT_PRESETS}); known: {', '.join(PRESETS)}")
-    parser.add_argument("--limit", type=float, default=None,
+    from ..cli import existing_dir, nonnegative_int, output_dir, positive_float
+
+    parser.add_argument("--limit", type=positive_float, default=None,
                         help="documents per task (an int; a value below 1 is a fraction); default all")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=output_dir, default=None,
                         help="output folder (default ./psa_sweep/<model name>)")
     parser.add_argument("--model-args", default="",
                         help="extra qwen2_5_vl_psa arguments, 'k=v,k=v' as lmms-eval's --model_args "
                              "(e.g. 'max_num_frames=64,max_pixels=200704,min_seq_len=4096')")
-    parser.add_argument("--include-path", action="append", default=None,
+    parser.add_argument("--include-path", type=existing_dir, action="append", default=None,
                         help="folder of extra lmms-eval task YAMLs (repeatable; default: the repo's eval/tasks)")
     parser.add_argument("--metric", default=None, help="metric to report as accuracy (default: picked per task)")
-    parser.add_argument("--bootstrap-iters", type=int, default=0,
+    parser.add_argument("--bootstrap-iters", type=nonnegative_int, default=0,
                         help="lmms-eval bootstrap iterations for stderr (default 0: none)")
     parser.add_argument("--redo", action="store_true", help="run every (task, preset) again, ignoring saved results")
 

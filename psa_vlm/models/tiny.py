@@ -446,9 +446,11 @@ def default_tiny_checkpoint(seed: int = 0) -> Path:
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``psa-vlm build-tiny``."""
-    parser.add_argument("--out", type=Path, default=None,
+    from ..cli import nonnegative_int, output_dir
+
+    parser.add_argument("--out", type=output_dir, default=None,
                         help="target directory (default: the shared cache, $PSA_VLM_CACHE or ~/.cache/psa_vlm)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing tiny checkpoint in --out")
 
 
@@ -461,5 +463,7 @@ def main(args: argparse.Namespace) -> int:
                 else build_tiny_checkpoint(args.out, seed=args.seed, overwrite=args.overwrite))
     except FileExistsError as exc:
         raise CLIError(str(exc)) from None
+    except OSError as exc:  # e.g. a read-only or virtual file system under --out
+        raise CLIError(f"cannot write the checkpoint to {str(args.out)!r}: {exc.strerror or exc}") from None
     print(path)
     return 0

@@ -4,7 +4,8 @@ What it computes: for every query block ``i`` of every ``(batch, query head)``, 
 softmax (exp2 domain, float32 statistics and accumulator) over the KV blocks listed in ``kv_idx`` / ``counts``,
 each read at its own resolution: factor-1 blocks from ``k``/``v`` (token-causal, key padding), factor-``p``
 blocks from the pyramid ``k_pooled``/``v_pooled`` with ``+ ln p`` on every pooled logit. Rows that see no key
-give zeros. GQA by index: query head ``h`` reads KV head ``h // G``; nothing is repeated.
+give zeros; a NaN/inf that a row attends to leaves the row non-finite, as in SDPA (the max guard only replaces
+``-inf``; the epilogue tests ``l == 0``, which a NaN fails). GQA by index: query head ``h`` reads KV head ``h // G``; nothing is repeated.
 
 Grid: ``(B * Hq, nq * bq / BLOCK_M)``. Axis 0 runs fastest in launch order, so the ``G`` heads of one KV group
 (adjacent in axis 0) run side by side and share their K/V tiles through L2; axis 1 walks the query tiles from
@@ -219,7 +220,7 @@ def _psa_fwd_kernel(
         s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC)  # [BM, BN] raw logits
         if HAS_PAD:
             real = tl.load(pad_base + kpos64 * stride_pn, mask=kin, other=0) != 0  # [BN]
-            s = s + tl.where(real, 0.0, float("-inf"))[None, :]
+            s = tl.where(real[None, :], s, float("-inf"))  # a select, so a padded NaN key stays hidden
         if it >= n_past_tiles:  # diagonal / incomplete block (runtime branch, last iterations only)
             s = tl.where((kpos[None, :] <= qpos[:, None]) & kin[None, :], s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, False, UPCAST, DOT_PREC)
@@ -260,10 +261,11 @@ def _psa_fwd_kernel(
         s = s * qk_scale + bias[None, :]
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, vt, qk_scale, True, UPCAST, DOT_PREC)
 
-    # ---- epilogue: rows that saw no key give zeros; rows of a malformed list give NaN
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    # ---- epilogue: rows that saw no key give zeros; a NaN/inf the row attended to stays visible (l_i or acc
+    # non-finite, as in SDPA); rows of a malformed list give NaN
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    o = tl.where(l_i[:, None] > 0.0, o, 0.0)
+    o = tl.where(l_i[:, None] == 0.0, 0.0, o)
     o = tl.where(n_bad > 0, float("nan"), o)
     o_ptrs = (
         OUT + b64 * stride_ob + h64 * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om

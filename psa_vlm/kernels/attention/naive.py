@@ -47,7 +47,8 @@ def sparse_attention(
     A full-resolution block is token-causal (key position ``<=`` query position ``Lk - Lq + r``) and honours
     ``key_padding_mask``; a block at factor ``p`` is read from the pyramid and every pooled logit gets
     ``+ ln p``. The list must come from ``build_block_lists`` (pooled entries only on poolable blocks). Rows
-    with no key to attend to give zeros.
+    with no key to attend to give zeros; a NaN or infinity a row attends to makes the row non-finite, as in
+    SDPA (a non-finite value may also reach rows that give it zero weight, as in SDPA's ``softmax @ v``).
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
@@ -115,10 +116,12 @@ def sparse_attention(
         logits = torch.matmul(qg, kall.transpose(-1, -2)).reshape(B, Hq, rows, NK) * scale + bias
         logits = logits.masked_fill(~allowed, float("-inf"))
         mx = logits.amax(-1, keepdim=True)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        # guard only rows that see nothing (max -inf); a NaN max must reach the output, as in SDPA
+        mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
         pexp = torch.exp(logits - mx)
         den = pexp.sum(-1, keepdim=True)
         o = torch.matmul(pexp.reshape(B, Hkv, G * rows, NK), vall).reshape(B, Hq, rows, D)
-        o = torch.where(den > 0, o / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(o))
+        empty = den == 0  # no key at all: zeros (NaN compares false here and propagates through o / den)
+        o = torch.where(empty, torch.zeros_like(o), o / torch.where(empty, torch.ones_like(den), den))
         out[:, :, r0:r1] = o.to(out.dtype)
     return out
