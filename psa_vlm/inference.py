@@ -411,22 +411,40 @@ def video_messages(
     return [{"role": "user", "content": [item, {"type": "text", "text": prompt}]}]
 
 
+def _is_qwen3_processor(processor: Any) -> bool:
+    """Whether ``processor`` is Qwen3-VL's (also Qwen3-VL-MoE's): per-frame timestamps, patch 16."""
+    try:
+        from transformers import Qwen3VLProcessor
+    except ImportError:  # pragma: no cover - transformers < 4.57 has no Qwen3-VL
+        return False
+    return isinstance(processor, Qwen3VLProcessor)
+
+
 def prepare_inputs(processor: Any, messages: List[Dict[str, Any]]) -> Any:
     """Tokenise a chat with videos: chat template, qwen-vl-utils frame loading, processor.
 
-    The frames' ``video_metadata`` goes to the processor (otherwise transformers 5.x assumes 24 fps and the
-    temporal positions ``second_per_grid_ts`` are wrong), and the video processor's pixel range is set to
-    the messages' so that it does not resize the frames a second time.
+    Works for the processor of every supported family, each called the way its model card does:
+
+    - Qwen2-VL / Qwen2.5-VL (patch 14): the frames' ``video_metadata`` goes to the processor (otherwise
+      transformers 5.x assumes 24 fps and Qwen2.5-VL's temporal positions ``second_per_grid_ts`` are wrong),
+      and the video processor's per-frame pixel range is set to the messages' so that it does not resize the
+      frames a second time;
+    - Qwen3-VL / Qwen3-VL-MoE (patch 16): qwen-vl-utils resizes to multiples of 32 px
+      (``image_patch_size=16``) and the processor gets ``do_resize=False`` and the ``video_metadata``, from
+      which it writes a ``<t seconds>`` timestamp before every temporal patch (Qwen3-VL model card;
+      lmms-eval's ``qwen3_vl`` does the same).
 
     Returns:
-        The processor's ``BatchFeature`` (``input_ids``, ``pixel_values_videos``, ``video_grid_thw``,
-        ``second_per_grid_ts``, ...) on the CPU.
+        The processor's ``BatchFeature`` (``input_ids``, ``attention_mask``, ``pixel_values_videos``,
+        ``video_grid_thw``, and ``second_per_grid_ts`` for Qwen2.5-VL) on the CPU.
     """
     from qwen_vl_utils import process_vision_info
 
+    qwen3 = _is_qwen3_processor(processor)
+    patch = int(getattr(getattr(processor, "image_processor", None), "patch_size", None) or (16 if qwen3 else 14))
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     images, videos, video_kwargs = process_vision_info(
-        messages, return_video_kwargs=True, return_video_metadata=True
+        messages, return_video_kwargs=True, return_video_metadata=True, image_patch_size=patch
     )
     kwargs: Dict[str, Any] = dict(video_kwargs or {})
     metadata = None
@@ -439,7 +457,9 @@ def prepare_inputs(processor: Any, messages: List[Dict[str, Any]]) -> Any:
             for c in m["content"]
             if isinstance(c, dict) and c.get("type") == "video"
         ]
-        if pix:
+        if qwen3:
+            kwargs["do_resize"] = False
+        elif pix:
             lo = min(p[0] for p in pix)
             hi = max(p[1] for p in pix)
             kwargs["videos_kwargs"] = {"size": {"shortest_edge": int(lo), "longest_edge": int(max(hi, lo))}}
