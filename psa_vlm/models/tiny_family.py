@@ -33,22 +33,21 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Tuple
 
+from ..inference import SUPPORTED_MODEL_TYPES
+
 __all__ = [
     "FAMILIES",
     "DEFAULT_FAMILY",
-    "MODEL_TYPES",
     "FamilySpec",
     "family_spec",
     "check_family",
     "QWEN3_CHAT_TEMPLATE",
 ]
 
-#: Supported families, by their ``config.json`` ``model_type``.
-FAMILIES: Tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+#: Supported families, by their ``config.json`` ``model_type`` (``psa_vlm.inference.SUPPORTED_MODEL_TYPES``).
+FAMILIES: Tuple[str, ...] = SUPPORTED_MODEL_TYPES
 #: The family built when none is named (the project's original model).
 DEFAULT_FAMILY = "qwen2_5_vl"
-#: ``model_type`` -> family (identical names; kept as a mapping so that aliases can be added in one place).
-MODEL_TYPES: Dict[str, str] = {f: f for f in FAMILIES}
 
 #: Qwen3-VL-Instruct's chat template without tool calls and reasoning: a system turn only when given,
 #: ``<|vision_start|><|video_pad|><|vision_end|>`` per video (the processor expands it into per-frame
