@@ -35,6 +35,7 @@ import torch
 
 from .config import PRESETS, PSAConfig
 from .inference import (
+    DEFAULT_ATTN_IMPLEMENTATION,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     FAMILY_NAMES,
@@ -42,11 +43,10 @@ from .inference import (
     CheckpointError,
     GenerationTiming,
     VideoError,
+    checkpoint_family,
     default_device,
     frame_count,
     generate_timed,
-    DEFAULT_ATTN_IMPLEMENTATION,
-    checkpoint_family,
     load_model,
     prepare_inputs,
     probe_video,

@@ -45,14 +45,12 @@ default, for exact per-sample numbers).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
-
-import contextlib
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import lmms_eval.models.simple.qwen3_vl as _lmms_qwen3_vl_module
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
