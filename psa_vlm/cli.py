@@ -14,12 +14,12 @@ from typing import List, Optional
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "run": ("psa_vlm.run", "answer a question about a video with a PSA-patched Qwen VL model (default: tiny offline demo)"),
+    "run": ("psa_vlm.run", "answer a question about a video with a PSA-patched Qwen VL model (default: tiny demo)"),
     "demo": ("psa_vlm.demo", "PSA against dense attention on synthetic video-like tensors (no model)"),
     "bench-attention": ("psa_vlm.bench.attention", "attention-layer benchmark: PSA stages vs dense SDPA (GPU)"),
-    "bench-prefill": ("psa_vlm.bench.prefill", "time to first token of a 7B/8B-shaped Qwen VL model, PSA vs dense (GPU)"),
+    "bench-prefill": ("psa_vlm.bench.prefill", "time to first token of a 7B/8B-shaped Qwen VL, PSA vs dense (GPU)"),
     "eval-sweep": ("psa_vlm.eval.sweep", "lmms-eval accuracy against sparsity across presets"),
-    "build-tiny": ("psa_vlm.models.tiny", "build a tiny offline checkpoint (--family qwen2_vl/qwen2_5_vl/qwen3_vl/qwen3_vl_moe)"),
+    "build-tiny": ("psa_vlm.models.tiny", "build a tiny offline checkpoint of a Qwen VL family (--family)"),
 }
 
 
