@@ -18,10 +18,10 @@ One family module per model family (``qwen2_vl.py``, ``qwen2_5_vl.py``, ``qwen3_
   whose name contains ``"flash"`` read ``module.config._attn_implementation`` to choose their kernel
   (``transformers.integrations.flash_attention``), so the original runs with the text config's name set back to
   the original for that call. The KV cache is filled by the model as usual (PSA never writes it).
-* **Per forward**, a forward pre-hook (``_PreHook``, a picklable callable) on the model reads the inputs once
-  (no per-layer host synchronisation): the token types from ``input_ids`` (``token_types_from_ids``), the key
-  padding mask (the 2-D ``attention_mask``), and whether the mask transformers will build is exactly causal +
-  key padding. It is not for a custom 4-D or per-layer mask, ``cu_seq_lens_*`` / ``max_length_*`` kwargs
+* **Per forward**, forward pre-hooks (``_PreHook``, picklable callables) read the inputs once (no per-layer
+  host synchronisation): on the base model the token types from ``input_ids`` (``token_types_from_ids``); on
+  the text model the key padding mask (the 2-D ``attention_mask``) and whether the mask transformers will build
+  from the same inputs is exactly causal + key padding. It is not for a custom 4-D or per-layer mask, ``cu_seq_lens_*`` / ``max_length_*`` kwargs
   (padding-free packing) or explicit position ids that restart inside a row (packed sequences: transformers
   then builds a block-diagonal mask, or the flash path splits the row): those forwards run the original
   attention (logged once per reason) instead of a guess.
@@ -365,6 +365,7 @@ class _PatchState:
     key_padding: Optional[torch.Tensor] = field(default=None, repr=False)  # bool [B, Lk]: True = real token
     on_device: Dict[Tuple[str, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
     dense_reason: Optional[str] = None  # set when this forward cannot use PSA
+    types_fresh: bool = False  # token types written by this forward's ``types`` hook
     warned: set = field(default_factory=set, repr=False)
     observers: List[Callable] = field(default_factory=list, repr=False)
 
@@ -608,10 +609,17 @@ def _mask_reason(kwargs: Dict[str, Any], hooked: torch.nn.Module, state: _PatchS
 
 
 class _PreHook:
-    """Forward pre-hook on the patched model: token types, key padding and mask check, once per forward."""
+    """Forward pre-hook, once per forward: token types (``types``) and the mask check (``mask``).
 
-    def __init__(self, state: _PatchState) -> None:
-        self.state = state
+    Patching a conditional-generation or base model puts a ``types`` hook on the base model (it sees
+    ``input_ids``) and a ``mask`` hook on the text model (it sees exactly the ``attention_mask``, position ids,
+    cache and kwargs transformers builds the text mask from, also when the text model is called directly);
+    patching a text model puts one hook doing both on it. Token types not refreshed for this forward (text model
+    called on its own) are dropped: the ``text_tail`` rule applies.
+    """
+
+    def __init__(self, state: _PatchState, types: bool = True, mask: bool = True) -> None:
+        self.state, self.types, self.mask = state, types, mask
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         state = self.state
@@ -619,33 +627,46 @@ class _PreHook:
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
             input_ids = args[0]
         embeds = kwargs.get("inputs_embeds")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past, state.dense_reason = _past_length(cache)
-        state.on_device = {}
         if input_ids is not None and input_ids.dim() == 2:
             n_new = input_ids.shape[1]
-        elif embeds is not None:
-            n_new = embeds.shape[1]
-            input_ids = None
+        elif embeds is not None and embeds.dim() == 3:
+            n_new, input_ids = embeds.shape[1], None
         else:
+            n_new = input_ids = None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past, cache_reason = _past_length(cache)
+        if self.types:
+            self._token_types(input_ids, past)
+        if not self.mask:
+            return
+        if not (self.types or state.types_fresh):
+            state.token_types = state.open_spans = None
+        state.types_fresh = False
+        state.on_device = {}
+        if n_new is None:  # unknown inputs: nothing to check the mask against
+            state.dense_reason, state.key_padding = "inputs without input_ids or inputs_embeds", None
             return
         if n_new > 1:  # a prefill: the statistics describe the last prefill only
             for m in state.modules:
                 m._psa_last = None
-        if state.dense_reason is None:
-            state.dense_reason = _mask_reason(kwargs, module, state, n_new)
+        state.dense_reason = cache_reason or _mask_reason(kwargs, module, state, n_new)
         mask = kwargs.get("attention_mask")
-        state.key_padding = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        state.key_padding = None
+        if state.dense_reason is None and n_new > 1 and isinstance(mask, torch.Tensor):
+            # transformers' sdpa mask makes the same check (one sync per prefill): no padding, no mask for PSA
+            kpm = mask.bool()
+            state.key_padding = None if bool(kpm.all()) else kpm
+
+    def _token_types(self, input_ids: Optional[torch.Tensor], past: Optional[int]) -> None:
+        state = self.state
+        state.types_fresh = True
         if input_ids is None or not state.ids.known or past is None:
             state.token_types = state.open_spans = None  # unknown from here on: the text_tail rule applies
-            return
-        if past == 0:
+        elif past == 0:
             state.token_types, state.open_spans = token_types_from_ids(input_ids, state.ids)
-            return
-        prev = state.token_types
-        if prev is not None and tuple(prev.shape) == (input_ids.shape[0], past):
+        elif state.token_types is not None and tuple(state.token_types.shape) == (input_ids.shape[0], past):
             new, state.open_spans = token_types_from_ids(input_ids, state.ids, state.open_spans)
-            state.token_types = torch.cat([prev, new], dim=1)
+            state.token_types = torch.cat([state.token_types, new], dim=1)
         else:
             state.token_types = state.open_spans = None
 
@@ -757,7 +778,11 @@ def patch_model(
         m._psa_state = state
         m._psa_last = None
         m.extra_repr = _PSARepr(m)
-    res.hook_target.register_forward_pre_hook(_PreHook(state), with_kwargs=True)
+    if res.hook_target is text_model:
+        text_model.register_forward_pre_hook(_PreHook(state), with_kwargs=True)
+    else:
+        res.hook_target.register_forward_pre_hook(_PreHook(state, mask=False), with_kwargs=True)
+        text_model.register_forward_pre_hook(_PreHook(state, types=False), with_kwargs=True)
     text_model._psa_state = state
     ids = res.ids
     types = (
@@ -789,6 +814,7 @@ def unpatch_model(model: Any, families: Sequence[Family], caller: str) -> Any:
     if current != original:
         _set_text_attention(text_model, original, modules)
     _remove_hooks(res.hook_target)
+    _remove_hooks(text_model)
     for m in modules:
         for attr in ("_psa_state", "_psa_last", "extra_repr"):
             m.__dict__.pop(attr, None)

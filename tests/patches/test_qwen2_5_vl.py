@@ -289,7 +289,7 @@ def test_unpatch_restores_identical_outputs(model, inputs, reference):
     assert not psa_vlm.is_patched(model)
     assert model.config.text_config._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
-    assert len(model.model._forward_pre_hooks) == 0
+    assert len(model.model._forward_pre_hooks) == len(model.model.language_model._forward_pre_hooks) == 0
     assert "psa" not in repr(model)
     assert torch.equal(_logits(model, inputs), reference[0])
     psa_vlm.unpatch_qwen25vl(model)  # unpatching an unpatched model is a no-op
