@@ -275,6 +275,8 @@ def _init(self: Any, base: type, pretrained: str, attn_implementation: Optional[
     psa_config_from_options(str(probe.pop("preset", "paper")), **probe)
     if attn_implementation is None:
         attn_implementation = "sdpa"
+    if kwargs.pop("use_flash_attention_2", False) in (True, "True", "true"):  # lmms-eval qwen2_vl's own flag
+        attn_implementation = "flash_attention_2"
     if not isinstance(attn_implementation, str) or not attn_implementation.strip() or \
             attn_implementation.startswith("psa"):
         raise ValueError(

@@ -76,7 +76,7 @@ def test_manifests_register_every_model():
         manifest("qwen4_vl_psa")
     assert get_model("qwen3_vl_psa") is Qwen3_VL_PSA and not Qwen3_VL_PSA.is_simple
     assert get_model("qwen3_vl_psa", force_simple=True) is Qwen3_VL_PSASimple
-    assert get_model("qwen2_vl_psa", force_simple=True) is Qwen2_VL_PSASimple
+    assert get_model("qwen2_vl_psa") is Qwen2_VL_PSASimple  # no chat class: lmms-eval falls back to the simple one
     from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as LmmsQwen3Chat
     from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as LmmsQwen2Simple
 
@@ -158,6 +158,8 @@ def test_attention_names_and_wrong_family(tiny_family_checkpoint):
         fam = "qwen2_vl" if cls is Qwen2_VL_PSASimple else "qwen3_vl"
         with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not usable.*sdpa"):
             cls(pretrained=str(tiny_family_checkpoint(fam)), attn_implementation="flash_attention_2", **ARGS)
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not usable"):
+        Qwen2_VL_PSASimple(pretrained=q2, use_flash_attention_2=True, **ARGS)  # lmms-eval qwen2_vl's own flag
     with pytest.raises(ValueError, match="attn_implementation='psa'"):
         Qwen3_VL_PSASimple(pretrained=q2, attn_implementation="psa", **ARGS)
     with pytest.raises(ValueError, match="qwen2_5_vl_psa serves qwen2_5_vl checkpoints.*'qwen3_vl'.*qwen3_vl_psa"):
