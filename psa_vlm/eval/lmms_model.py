@@ -62,7 +62,7 @@ from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as _LmmsQwen3VLSimple
 
 from ..config import PSAConfig
 from ..inference import CheckpointError, PrefillTimer, checkpoint_family, psa_config_from_options, summarize_psa_stats
-from . import PSA_MODEL_ARGS
+from . import LMMS_MODEL_FOR_FAMILY, PSA_MODEL_ARGS
 
 __all__ = [
     "Qwen2_VL_PSASimple",
@@ -257,10 +257,8 @@ def _check_family(self: Any, pretrained: str) -> None:
     except CheckpointError as exc:
         raise ValueError(f"{self.model_id}: {exc}") from None
     if family not in self.families:
-        serving = {"qwen2_vl": "qwen2_vl_psa", "qwen2_5_vl": "qwen2_5_vl_psa", "qwen3_vl": "qwen3_vl_psa",
-                   "qwen3_vl_moe": "qwen3_vl_psa"}[family]
         raise ValueError(f"{self.model_id} serves {'/'.join(self.families)} checkpoints; {pretrained!r} is "
-                         f"{family!r}: use --model {serving}")
+                         f"{family!r}: use --model {LMMS_MODEL_FOR_FAMILY[family]}")
 
 
 def _init(self: Any, base: type, pretrained: str, attn_implementation: Optional[str], kwargs: Dict[str, Any]) -> None:
@@ -334,7 +332,6 @@ class _Qwen2VLFamily(_PSAMixin):
 
     model_id = "qwen2_vl_psa"
     families = ("qwen2_vl",)
-    base_attn_implementations = ("flash_attention_2",)
 
     def _base_load_kwargs(self, attn_implementation: str) -> Dict[str, Any]:
         # without the flag lmms-eval's qwen2_vl loads transformers' default (sdpa); other names are set afterwards
