@@ -363,22 +363,41 @@ class _Qwen3VLFamily(_PSAMixin):
 
     @contextlib.contextmanager
     def _loading(self, pretrained: str) -> Iterator[None]:
-        """While lmms-eval's ``qwen3_vl`` loads: its class resolver gets ``is_moe`` from the checkpoint's
-        ``model_type`` rather than from an ``A<n>B`` in the path (restored afterwards)."""
-        original = _lmms_qwen3_vl_module._resolve_model_class
+        """While lmms-eval's ``qwen3_vl`` loads a local checkpoint, its choice of class follows the checkpoint's
+        ``model_type`` rather than an ``A<n>B`` in the path; everything is restored afterwards.
+
+        lmms-eval >= 0.7.3 chooses through ``_resolve_model_class(pretrained, is_moe)``: ``is_moe`` is replaced.
+        0.7.0 picks between the module's ``Qwen3VLForConditionalGeneration`` and
+        ``Qwen3VLMoeForConditionalGeneration``: both names point at the right class meanwhile. A loaded model of
+        another class (a future lmms-eval choosing otherwise) raises ``RuntimeError``.
+        """
         if not Path(pretrained).expanduser().is_dir():
             yield  # a hub id: lmms-eval's own rule (hub names of MoE checkpoints carry A<n>B)
             return
+        import transformers
+
         is_moe = checkpoint_family(pretrained) == "qwen3_vl_moe"
-
-        def resolve(path: str, _is_moe: bool):
-            return original(path, is_moe)
-
-        _lmms_qwen3_vl_module._resolve_model_class = resolve
+        module = _lmms_qwen3_vl_module
+        names = ("_resolve_model_class",) if hasattr(module, "_resolve_model_class") else (
+            "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+        saved = {n: getattr(module, n) for n in names if hasattr(module, n)}
+        if "_resolve_model_class" in saved:
+            original = saved["_resolve_model_class"]
+            module._resolve_model_class = lambda path, _is_moe: original(path, is_moe)
+        else:
+            right = getattr(transformers, names[1] if is_moe else names[0])
+            for n in saved:
+                setattr(module, n, right)
         try:
             yield
         finally:
-            _lmms_qwen3_vl_module._resolve_model_class = original
+            for n, v in saved.items():
+                setattr(module, n, v)
+        expected = "Qwen3VLMoeForConditionalGeneration" if is_moe else "Qwen3VLForConditionalGeneration"
+        if type(self.model).__name__ != expected:  # ``model``: unwrapped from accelerate
+            raise RuntimeError(f"{self.model_id}: lmms-eval loaded {pretrained!r} as {type(self.model).__name__}, "
+                               f"but its config.json says {expected}; this lmms-eval version chooses the class "
+                               "another way: please report it")
 
 
 class Qwen3_VL_PSA(_Qwen3VLFamily, _LmmsQwen3VLChat):
