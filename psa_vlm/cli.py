@@ -22,12 +22,12 @@ from typing import Callable, List, Optional
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "run": ("psa_vlm.run", "answer a question about a video with a PSA-patched Qwen2.5-VL (default: tiny offline demo)"),
+    "run": ("psa_vlm.run", "answer a question about a video with a PSA-patched Qwen VL model (default: tiny demo)"),
     "demo": ("psa_vlm.demo", "PSA against dense attention on synthetic video-like tensors (no model)"),
     "bench-attention": ("psa_vlm.bench.attention", "attention-layer benchmark: PSA stages vs dense SDPA (GPU)"),
-    "bench-prefill": ("psa_vlm.bench.prefill", "time to first token of a 7B-shaped model, PSA vs dense (GPU)"),
+    "bench-prefill": ("psa_vlm.bench.prefill", "time to first token of a 7B/8B-shaped Qwen VL, PSA vs dense (GPU)"),
     "eval-sweep": ("psa_vlm.eval.sweep", "lmms-eval accuracy against sparsity across presets"),
-    "build-tiny": ("psa_vlm.models.tiny", "build the tiny offline Qwen2.5-VL checkpoint into a directory"),
+    "build-tiny": ("psa_vlm.models.tiny", "build a tiny offline checkpoint of a Qwen VL family (--family)"),
 }
 
 
@@ -164,7 +164,7 @@ def choice_list(choices: Callable[[str], bool], what: str) -> Callable[[str], Li
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psa-vlm", description="Pyramid Sparse Attention for Qwen2.5-VL")
+    parser = argparse.ArgumentParser(prog="psa-vlm", description="Pyramid Sparse Attention for Qwen VL models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -1,10 +1,11 @@
-"""Shared plumbing for answering questions about videos with a (PSA-patched) Qwen2.5-VL.
+"""Shared plumbing for answering questions about videos with a (PSA-patched) Qwen VL model.
 
 Used by ``psa-vlm run``, the lmms-eval model and the evaluation sweep:
 
 - ``psa_config_from_options``: a ``PSAConfig`` from a preset name plus string/number overrides (the form
   they take on a command line or in lmms-eval's ``--model_args``);
-- ``check_qwen25vl_checkpoint`` / ``load_qwen25vl``: validate and load a local checkpoint directory;
+- ``check_checkpoint`` / ``checkpoint_family`` / ``load_model``: validate and load a local checkpoint directory
+  of any supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) with any attention implementation;
 - ``probe_video`` / ``video_messages`` / ``prepare_inputs``: frames through qwen-vl-utils (decord) and the
   processor, *with* ``video_metadata`` so that the temporal mRoPE positions are right;
 - ``PrefillTimer`` / ``generate_timed``: the wall time of the prefill (the first forward of ``generate``).
@@ -36,10 +37,16 @@ __all__ = [
     "check_prompt_length",
     "parse_number_list",
     "psa_config_from_options",
+    "SUPPORTED_MODEL_TYPES",
+    "FAMILY_NAMES",
+    "DEFAULT_ATTN_IMPLEMENTATION",
+    "checkpoint_family",
+    "check_checkpoint",
     "check_qwen25vl_checkpoint",
     "tiny_checkpoint_info",
     "default_model_dir",
     "default_device",
+    "load_model",
     "load_qwen25vl",
     "VideoInfo",
     "probe_video",
@@ -54,6 +61,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: ``config.json`` model types psa_vlm loads and patches (the families of ``psa_vlm.patch``).
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+#: Display name of each supported model type.
+FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL",
+                "qwen3_vl_moe": "Qwen3-VL-MoE"}
+#: Attention a checkpoint is loaded with unless told otherwise.
+DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
+
 #: Per-frame pixel floor (4 merged tokens): small frames are never upsampled past this.
 DEFAULT_MIN_PIXELS = 4 * 28 * 28
 #: Per-frame pixel cap (the Qwen2.5-VL model card's video example: 360 x 420).
@@ -63,7 +78,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CheckpointError(ValueError):
-    """A directory that is not a loadable Qwen2.5-VL checkpoint."""
+    """A directory that is not a loadable checkpoint of a supported Qwen VL family."""
 
 
 class VideoError(ValueError):
@@ -234,20 +249,21 @@ def psa_config_from_options(
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def check_qwen25vl_checkpoint(path: PathLike) -> Path:
-    """Check that ``path`` is a local Qwen2.5-VL checkpoint directory (no weights are read).
+def checkpoint_family(path: PathLike) -> str:
+    """The model family of a local checkpoint directory: its ``config.json`` ``model_type`` (no weights read).
 
     Returns:
-        The resolved directory.
+        One of ``SUPPORTED_MODEL_TYPES`` (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``).
 
     Raises:
-        CheckpointError: Missing, not a directory, no ``config.json``, or another model type.
+        CheckpointError: Missing, not a directory, no readable ``config.json``, or an unsupported model type
+            (the message lists the supported ones).
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
     if not p.is_dir():
-        raise CheckpointError(f"{str(path)!r} is not a directory; pass a Qwen2.5-VL checkpoint directory")
+        raise CheckpointError(f"{str(path)!r} is not a directory; pass a Qwen VL checkpoint directory")
     cfg = p / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{str(path)!r} is not a Hugging Face checkpoint (no config.json)")
@@ -255,11 +271,39 @@ def check_qwen25vl_checkpoint(path: PathLike) -> Path:
         model_type = json.loads(cfg.read_text()).get("model_type")
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {cfg}: {exc}") from None
-    if model_type != "qwen2_5_vl":
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"{str(path)!r} holds a {model_type!r} model, not a Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl')"
+            f"{str(path)!r} holds a {model_type!r} model; psa_vlm supports the model types "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE)"
         )
-    return p.resolve()
+    return str(model_type)
+
+
+def check_checkpoint(path: PathLike) -> Path:
+    """Check that ``path`` is a local checkpoint directory of a supported family (no weights are read).
+
+    Returns:
+        The resolved directory.
+
+    Raises:
+        CheckpointError: See ``checkpoint_family``.
+    """
+    checkpoint_family(path)
+    return Path(path).expanduser().resolve()
+
+
+def check_qwen25vl_checkpoint(path: PathLike) -> Path:
+    """``check_checkpoint`` restricted to Qwen2.5-VL (``model_type`` ``qwen2_5_vl``).
+
+    Raises:
+        CheckpointError: As ``check_checkpoint``, or a checkpoint of another family.
+    """
+    family = checkpoint_family(path)
+    if family != "qwen2_5_vl":
+        raise CheckpointError(
+            f"{str(path)!r} holds a {family!r} model, not a Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl')"
+        )
+    return Path(path).expanduser().resolve()
 
 
 def tiny_checkpoint_info(path: PathLike) -> Optional[Dict[str, Any]]:
@@ -302,9 +346,9 @@ def resolve_model_dir(model: Optional[PathLike]) -> Tuple[Path, Optional[Dict[st
     """The checkpoint to use and its tiny-checkpoint info (``None`` for a real checkpoint).
 
     ``model=None`` means the default tiny checkpoint (``default_model_dir``); otherwise the directory is checked
-    with ``check_qwen25vl_checkpoint`` (raises ``CheckpointError``).
+    with ``check_checkpoint`` (raises ``CheckpointError``).
     """
-    model_dir = default_model_dir() if model is None else check_qwen25vl_checkpoint(model)
+    model_dir = default_model_dir() if model is None else check_checkpoint(model)
     return model_dir, tiny_checkpoint_info(model_dir)
 
 
@@ -313,42 +357,82 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_qwen25vl(
+def load_model(
     path: PathLike,
     *,
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION,
 ) -> Tuple[Any, Any]:
-    """Load ``Qwen2_5_VLForConditionalGeneration`` and its processor from a local directory.
+    """Load a Qwen VL checkpoint of any supported family and its processor from a local directory.
+
+    The class is the one ``transformers.AutoModelForImageTextToText`` maps the checkpoint's ``model_type`` to
+    (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+    ``Qwen3VLForConditionalGeneration`` or ``Qwen3VLMoeForConditionalGeneration``); the processor is
+    ``AutoProcessor``'s.
 
     Args:
-        path: Checkpoint directory (checked with ``check_qwen25vl_checkpoint``).
+        path: Checkpoint directory (checked with ``check_checkpoint``).
         device: Target device (default: CUDA if available, else CPU).
         dtype: Weights dtype (default: bfloat16 on CUDA, float32 on CPU).
-        attn_implementation: Dense attention to load with (PSA is patched in afterwards).
+        attn_implementation: Attention the model is loaded with, for the language model and the vision tower
+            (``sdpa`` (default), ``eager``, ``flash_attention_2``, ``flash_attention_3``, or a ``kernels`` hub
+            name where transformers knows it). ``psa_vlm.patch`` later replaces the language model's and
+            falls back to this one where PSA does not run. ``flash_attention_*`` needs its package and a
+            CUDA GPU with fp16/bf16 weights (the Qwen2.5-VL and Qwen3-VL model cards' setting for video).
 
     Returns:
         ``(model, processor)``, the model in eval mode on ``device``.
 
     Raises:
-        CheckpointError: Not a Qwen2.5-VL checkpoint, or its files fail to load.
+        CheckpointError: Not a supported checkpoint, or its files fail to load.
+        ValueError: ``attn_implementation`` is unknown to transformers or its package is missing (the message
+            names the value and the remedy).
     """
-    p = check_qwen25vl_checkpoint(path)
+    p = check_checkpoint(path)
+    if not isinstance(attn_implementation, str) or not attn_implementation.strip():
+        raise ValueError(f"attn_implementation must be a name such as 'sdpa', got {attn_implementation!r}")
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            p, dtype=dtype, attn_implementation=attn_implementation
-        )
+        model = AutoModelForImageTextToText.from_pretrained(p, dtype=dtype, attn_implementation=attn_implementation)
+    except ImportError as exc:  # transformers: the flash-attn / kernels package is missing or unusable
+        raise ValueError(
+            f"cannot load with attn_implementation={attn_implementation!r}: {_first_line(exc)} "
+            f"(install that package on a CUDA machine, or use attn_implementation='sdpa')"
+        ) from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        msg = _first_line(exc)
+        if "attn_implementation" in msg or "attention implementation" in msg:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not usable for {str(path)!r}: {msg}"
+            ) from None
+        raise CheckpointError(f"cannot load the checkpoint in {str(path)!r}: {msg}") from None
+    try:
         processor = AutoProcessor.from_pretrained(p)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load the checkpoint in {str(path)!r}: {first}") from None
+        raise CheckpointError(f"cannot load the processor in {str(path)!r}: {_first_line(exc)}") from None
     return model.to(device).eval(), processor
+
+
+def load_qwen25vl(
+    path: PathLike,
+    *,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+    attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION,
+) -> Tuple[Any, Any]:
+    """``load_model`` restricted to Qwen2.5-VL checkpoints (raises ``CheckpointError`` for other families)."""
+    check_qwen25vl_checkpoint(path)
+    return load_model(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------- video inputs
@@ -464,26 +548,45 @@ def video_messages(
     return [{"role": "user", "content": [item, {"type": "text", "text": prompt}]}]
 
 
+def _is_qwen3_processor(processor: Any) -> bool:
+    """Whether ``processor`` is Qwen3-VL's (also Qwen3-VL-MoE's): per-frame timestamps, patch 16."""
+    try:
+        from transformers import Qwen3VLProcessor
+    except ImportError:  # pragma: no cover - transformers < 4.57 has no Qwen3-VL
+        return False
+    return isinstance(processor, Qwen3VLProcessor)
+
+
 def prepare_inputs(processor: Any, messages: List[Dict[str, Any]]) -> Any:
     """Tokenise a chat with videos: chat template, qwen-vl-utils frame loading, processor.
 
     Frames are read by qwen-vl-utils (decord), or with PyAV for videos decord cannot read
-    (``psa_vlm.video.decode.pyav_fallback``). The frames' ``video_metadata`` goes to the processor (otherwise transformers 5.x assumes 24 fps and the
-    temporal positions ``second_per_grid_ts`` are wrong), and the video processor's pixel range is set to
-    the messages' so that it does not resize the frames a second time.
+    (``psa_vlm.video.decode.pyav_fallback``). Works for the processor of every supported family, each called
+    the way its model card does:
+
+    - Qwen2-VL / Qwen2.5-VL (patch 14): the frames' ``video_metadata`` goes to the processor (otherwise
+      transformers 5.x assumes 24 fps and Qwen2.5-VL's temporal positions ``second_per_grid_ts`` are wrong),
+      and the video processor's per-frame pixel range is set to the messages' so that it does not resize the
+      frames a second time;
+    - Qwen3-VL / Qwen3-VL-MoE (patch 16): qwen-vl-utils resizes to multiples of 32 px
+      (``image_patch_size=16``) and the processor gets ``do_resize=False`` and the ``video_metadata``, from
+      which it writes a ``<t seconds>`` timestamp before every temporal patch (Qwen3-VL model card;
+      lmms-eval's ``qwen3_vl`` does the same).
 
     Returns:
-        The processor's ``BatchFeature`` (``input_ids``, ``pixel_values_videos``, ``video_grid_thw``,
-        ``second_per_grid_ts``, ...) on the CPU.
+        The processor's ``BatchFeature`` (``input_ids``, ``attention_mask``, ``pixel_values_videos``,
+        ``video_grid_thw``, and ``second_per_grid_ts`` for Qwen2.5-VL) on the CPU.
     """
     from qwen_vl_utils import process_vision_info
 
     from .video.decode import pyav_fallback
 
+    qwen3 = _is_qwen3_processor(processor)
+    patch = int(getattr(getattr(processor, "image_processor", None), "patch_size", None) or (16 if qwen3 else 14))
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     with pyav_fallback():  # videos decord cannot read are read with PyAV (qwen-vl-utils' fallback is broken)
         images, videos, video_kwargs = process_vision_info(
-            messages, return_video_kwargs=True, return_video_metadata=True
+            messages, return_video_kwargs=True, return_video_metadata=True, image_patch_size=patch
         )
     kwargs: Dict[str, Any] = dict(video_kwargs or {})
     metadata = None
@@ -496,7 +599,9 @@ def prepare_inputs(processor: Any, messages: List[Dict[str, Any]]) -> Any:
             for c in m["content"]
             if isinstance(c, dict) and c.get("type") == "video"
         ]
-        if pix:
+        if qwen3:
+            kwargs["do_resize"] = False
+        elif pix:
             lo = min(p[0] for p in pix)
             hi = max(p[1] for p in pix)
             kwargs["videos_kwargs"] = {"size": {"shortest_edge": int(lo), "longest_edge": int(max(hi, lo))}}
@@ -518,7 +623,7 @@ def _language_model(model: Any) -> Any:
     if lm is None:
         lm = getattr(model, "language_model", None)
     if lm is None:
-        raise TypeError(f"{type(model).__name__} has no language_model; expected a Qwen2.5-VL model")
+        raise TypeError(f"{type(model).__name__} has no language_model; expected a Qwen VL model")
     return lm
 
 

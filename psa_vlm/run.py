@@ -1,11 +1,14 @@
-"""``psa-vlm run``: answer a question about a video with a PSA-patched Qwen2.5-VL.
+"""``psa-vlm run``: answer a question about a video with a PSA-patched Qwen VL model.
 
 With no arguments it runs the embedded default: the tiny offline Qwen2.5-VL (the trained one shipped in
 ``psa_vlm/data/tiny_trained`` when the package has it, else random weights built once into the cache by
 ``psa_vlm.models.tiny.default_tiny_checkpoint``), the clip bundled in ``psa_vlm/data`` and its question. For
 that demo the block size and ``min_seq_len`` are lowered (32 and 64 instead of 128 and 4096) so that PSA
-really runs on the ~280-token prompt; the output says so. With ``--model DIR`` any local Qwen2.5-VL
-checkpoint (3B/7B/72B) is loaded: bf16 on CUDA, fp32 on the CPU.
+really runs on the ~280-token prompt; the output says so. With ``--model DIR`` a local checkpoint of any
+supported family is loaded (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE: the ``model_type`` in its
+``config.json`` decides), bf16 on CUDA, fp32 on the CPU, with ``--attn-implementation`` (default ``sdpa``;
+``flash_attention_2`` as the model cards recommend for video, on a GPU with flash-attn installed), and patched
+with ``psa_vlm.patch``: PSA runs the long prefill, the loaded attention everything else.
 
 Frames are read by qwen-vl-utils with decord (with PyAV for videos decord cannot read) and handed to the
 processor with their metadata, so the temporal positions match the sampled frame rate. Argument errors,
@@ -36,17 +39,21 @@ import torch
 from .config import PRESETS, PSAConfig
 from .api import check_config_for_backend
 from .inference import (
+    DEFAULT_ATTN_IMPLEMENTATION,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
+    FAMILY_NAMES,
+    SUPPORTED_MODEL_TYPES,
     CheckpointError,
     GenerationTiming,
     PromptTooLongError,
     VideoError,
     check_prompt_length,
+    checkpoint_family,
     default_device,
     frame_count,
     generate_timed,
-    load_qwen25vl,
+    load_model,
     prepare_inputs,
     probe_video,
     psa_config_from_options,
@@ -82,7 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None,
                         help="question (default: the bundled clip's question, or a generic one for --video)")
     parser.add_argument("--model", default=None,
-                        help="local Qwen2.5-VL checkpoint directory (default: the tiny offline model)")
+                        help="local checkpoint directory of a supported family "
+                             f"({', '.join(SUPPORTED_MODEL_TYPES)}; default: the tiny offline Qwen2.5-VL)")
+    parser.add_argument("--attn-implementation", default=DEFAULT_ATTN_IMPLEMENTATION,
+                        help="attention the model is loaded with, which PSA falls back to for decode and short "
+                             "inputs: sdpa (default), eager, flash_attention_2, flash_attention_3, ...")
     parser.add_argument("--preset", default="paper", help=f"PSA preset: {', '.join(PRESETS)} (default paper)")
     parser.add_argument("--max-frames", type=positive_int, default=None,
                         help=f"frames to sample (default {DEFAULT_MAX_FRAMES}; the cap with --fps, default 768)")
@@ -197,15 +208,23 @@ def _psa_config(args: argparse.Namespace, tiny: bool) -> Tuple[PSAConfig, Option
 
 
 def _patch(model: Any, config: PSAConfig, backend: str) -> None:
-    from .patches import patch_qwen25vl
+    from .patches import patch
 
-    patch_qwen25vl(model, config, backend=backend)
+    patch(model, config, backend=backend)
 
 
 def _unpatch(model: Any) -> None:
-    from .patches import unpatch_qwen25vl
+    from .patches import unpatch
 
-    unpatch_qwen25vl(model)
+    unpatch(model)
+
+
+def _visual_tokens(model: Any, input_ids: torch.Tensor) -> int:
+    """Prompt tokens inside image / video spans (what PSA treats as visual), ``psa_vlm.patch``'s rule."""
+    from .patches.core import VisionIds, token_types_from_ids
+
+    types, _ = token_types_from_ids(input_ids, VisionIds.from_config(model.config))
+    return int(types.ne(0).sum())
 
 
 def _stats(model: Any) -> Dict[str, Any]:
@@ -272,8 +291,8 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     logger.info("loading %s", model_dir)
     try:
-        model, processor = load_qwen25vl(model_dir, device=device)
-    except CheckpointError as exc:
+        model, processor = load_model(model_dir, device=device, attn_implementation=args.attn_implementation)
+    except (CheckpointError, ValueError) as exc:  # a bad checkpoint, or an attention its machine lacks
         raise _cli_error(str(exc)) from None
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -294,9 +313,14 @@ def main(args: argparse.Namespace) -> int:
     except PromptTooLongError as exc:
         raise _cli_error(str(exc)) from None
     n_video = int((inputs["input_ids"] == video_token_id).sum()) if video_token_id is not None else 0
+    n_visual = _visual_tokens(model, inputs["input_ids"])
     grid = inputs["video_grid_thw"][0].tolist() if "video_grid_thw" in inputs else None
     spg = inputs.get("second_per_grid_ts")
-    spg_v = float(spg[0]) if spg is not None else float("nan")
+    if spg is not None:  # Qwen2.5-VL's processor output
+        spg_v = float(spg[0])
+    else:  # the same quantity for the other families: temporal_patch_size frames at qwen-vl-utils' sampled rate
+        tps = getattr(getattr(processor, "video_processor", None), "temporal_patch_size", 2)
+        spg_v = tps * info.frames / (sampled * info.fps) if sampled and info.fps > 0 else float("nan")
     # one untimed 1-token generate per mode first: always on CUDA (kernel compilation, allocator), and on the
     # CPU when comparing, so that neither mode pays the first call's overhead
     warmup = device.type == "cuda" or args.compare_dense
@@ -317,9 +341,13 @@ def main(args: argparse.Namespace) -> int:
     out = print
     out("psa-vlm run")
     desc = f"{model_dir}"
+    family = checkpoint_family(model_dir)
     if tiny:
-        desc = f"tiny {'trained' if not untrained else 'random-weight'} Qwen2.5-VL ({model_dir})"
-    out(f"{'model':<{w}}: {desc}; {device.type}, {str(dtype).replace('torch.', '')}")
+        desc = f"tiny {'trained' if not untrained else 'random-weight'} {FAMILY_NAMES[family]} ({model_dir})"
+    else:
+        desc = f"{type(model).__name__} ({model_dir})"
+    out(f"{'model':<{w}}: {desc}; {device.type}, {str(dtype).replace('torch.', '')}, "
+        f"attention {args.attn_implementation}")
     if untrained:
         out(f"{'':<{w}}  NOTE: the default model is UNTRAINED (random weights): its answer is meaningless; this run")
         out(f"{'':<{w}}  shows the video pipeline and PSA's statistics. Pass --model DIR for a real checkpoint.")
@@ -341,7 +369,8 @@ def main(args: argparse.Namespace) -> int:
             "the answer is right" if m.group(1) == bundled.answer else "the answer is wrong")
         out(f"{'expected':<{w}}: {bundled.answer} ({bundled.answer_text}), shown in frames {bundled.events[0].start}-"
             f"{bundled.events[-1].end - 1} of the bundled clip; {verdict}")
-    out(f"{'prompt':<{w}}: {n_prompt} tokens ({n_video} video, {n_prompt - n_video} text)")
+    extra = f", {n_visual - n_video} more inside the video spans" if n_visual > n_video else ""
+    out(f"{'prompt':<{w}}: {n_prompt} tokens ({n_video} video{extra}, {n_prompt - n_visual} text)")
     out(f"{'prefill':<{w}}: {_fmt_s(psa_t.prefill_s)} language model (vision encoder {_fmt_s(psa_t.vision_s)}, "
         f"first token after {_fmt_s(psa_t.ttft_s)}; generate {_fmt_s(psa_t.total_s)} for {psa_t.new_tokens} tokens)")
     if stats["engaged"]:

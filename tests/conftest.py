@@ -28,8 +28,40 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """Directory of the tiny offline Qwen2.5-VL checkpoint (model + processor), built once per test run."""
+def tiny_family_checkpoint(tmp_path_factory):
+    """``get(family) -> Path``: the tiny offline checkpoint (model + processor) of a model family, built at
+    most once per family per test run. Families: ``psa_vlm.models.tiny.FAMILIES`` (``qwen2_vl``,
+    ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``).
+
+    Example::
+
+        def test_x(tiny_family_checkpoint):
+            path = tiny_family_checkpoint("qwen3_vl")
+    """
     from psa_vlm.models.tiny import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen25vl"))
+    built = {}
+
+    def get(family: str = "qwen2_5_vl"):
+        if family not in built:
+            name = "tiny-qwen25vl" if family == "qwen2_5_vl" else f"tiny-{family}"
+            built[family] = build_tiny_checkpoint(tmp_path_factory.mktemp(name), family=family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_family_checkpoint):
+    """Directory of the tiny offline Qwen2.5-VL checkpoint (model + processor), built once per test run."""
+    return tiny_family_checkpoint("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A short real mp4 (``psa_vlm.video.synth``: 12 frames of 96x64 at 4 fps, a needle-colour question),
+    written once per test run; returns its ``VideoQA`` (``.video`` is the path)."""
+    from psa_vlm.video.synth import make_clip
+
+    return make_clip(tmp_path_factory.mktemp("tiny-clip") / "clip.mp4", frames=12, width=96, height=64, fps=4.0,
+                     seed=1)

@@ -50,3 +50,30 @@ def test_frame_count():
     assert frame_count(info, fps=1.0) == 16
     assert frame_count(info, fps=0.1) == 4  # at least 4 with fps sampling
     assert frame_count(info, fps=4.0, max_frames=20) == 20
+
+
+def test_checkpoint_family(tmp_path):
+    import json
+
+    from psa_vlm.inference import (
+        SUPPORTED_MODEL_TYPES,
+        CheckpointError,
+        check_checkpoint,
+        check_qwen25vl_checkpoint,
+        checkpoint_family,
+    )
+
+    for family in SUPPORTED_MODEL_TYPES:
+        d = tmp_path / family
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": family}))
+        assert checkpoint_family(d) == family and check_checkpoint(d) == d.resolve()
+    assert check_qwen25vl_checkpoint(tmp_path / "qwen2_5_vl") == (tmp_path / "qwen2_5_vl").resolve()
+    with pytest.raises(CheckpointError, match="'qwen3_vl' model, not a Qwen2.5-VL checkpoint"):
+        check_qwen25vl_checkpoint(tmp_path / "qwen3_vl")
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text('{"model_type": "llava"}')
+    with pytest.raises(CheckpointError, match="'llava' model; psa_vlm supports .*qwen3_vl_moe"):
+        checkpoint_family(tmp_path / "llava")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint_family(tmp_path / "missing")

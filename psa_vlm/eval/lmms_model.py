@@ -1,10 +1,26 @@
-"""lmms-eval model ``qwen2_5_vl_psa``: lmms-eval's own Qwen2.5-VL models with PSA patched in.
+"""lmms-eval models ``qwen2_vl_psa``, ``qwen2_5_vl_psa`` and ``qwen3_vl_psa``: lmms-eval's own models with PSA.
 
-``Qwen2_5_VL_PSA`` subclasses lmms-eval's chat model ``qwen2_5_vl`` (``Qwen2_5_VL_PSASimple`` its simple
-model, used with ``--force_simple``), so video loading, frame sampling, prompting and generation are exactly
-the dense baseline's. The checkpoint is loaded with dense attention (``sdpa``, one of the values lmms-eval's
-class accepts) and then patched with ``psa_vlm.patch_qwen25vl``. ``preset=dense`` leaves the model unpatched:
-it *is* lmms-eval's ``qwen2_5_vl`` (the in-harness control), with the same per-sample logging.
+Each class subclasses lmms-eval's model of its family, so video loading, frame sampling, prompting and
+generation are exactly the dense baseline's:
+
+=================== ============================================= ============================================
+lmms-eval model     chat class (default) / simple (``--force_simple``) checkpoints (``model_type``)
+=================== ============================================= ============================================
+``qwen2_vl_psa``    - / ``Qwen2_VL_PSASimple`` (lmms-eval has no   ``qwen2_vl``
+                    chat ``qwen2_vl``)
+``qwen2_5_vl_psa``  ``Qwen2_5_VL_PSA`` / ``Qwen2_5_VL_PSASimple``  ``qwen2_5_vl``
+``qwen3_vl_psa``    ``Qwen3_VL_PSA`` / ``Qwen3_VL_PSASimple``      ``qwen3_vl``, ``qwen3_vl_moe``
+=================== ============================================= ============================================
+
+The checkpoint is loaded with ``attn_implementation`` (default ``sdpa``; ``eager``, ``flash_attention_2``
+(the model cards' choice for video) and any other name transformers knows) and then patched with
+``psa_vlm.patch``, which runs PSA for long prefills and the loaded attention for everything else.
+``preset=dense`` leaves the model unpatched: it *is* lmms-eval's model of that family (the in-harness
+control), with the same per-sample logging. Two fixes over lmms-eval's classes, both about loading:
+lmms-eval's ``qwen2_vl`` takes only ``use_flash_attention_2``, so other attention names are set after loading
+(``set_attn_implementation``); lmms-eval's ``qwen3_vl`` picks the MoE class from an ``A<n>B`` in the
+checkpoint *path*, so ``qwen3_vl_psa`` picks it from the checkpoint's ``model_type`` instead (a renamed MoE
+directory would otherwise load as a dense model with random MLPs).
 
 PSA options in ``--model_args`` (lists use ``/`` because ``,`` separates arguments)::
 
@@ -13,7 +29,7 @@ PSA options in ``--model_args`` (lists use ``/`` because ``,`` separates argumen
     quotas=0.1/0.1/0.1/0.2       fractions for factors 1/2/4/8 (quota mode)
     min_seq_len=4096  block_size=128  block_q=..  block_k=..  stride=8  text_tail=512
     sim_thresholds=0.75/0.7/0.7 | none      pool_factors=2/4/8 | none
-    backend=auto | triton | reference       psa_layers=0/1/2 (default: all layers)
+    backend=auto | fa4 | triton | reference  psa_layers=0/1/2 (default: all layers)
 
 The PSA config is checked against the backend that will run it in the constructor, before the model loads
 (``psa_vlm.api.check_config_for_backend``: e.g. ``block_size=24`` on a GPU raises ``ValueError`` there, not
@@ -22,8 +38,9 @@ model's ``max_position_embeddings`` raises ``PromptTooLongError`` before its pre
 ``max_num_frames``, ``fps`` or ``max_pixels``). Videos decord cannot read are read with PyAV
 (``psa_vlm.video.decode``).
 
-Besides lmms-eval's ``qwen2_5_vl`` arguments it accepts ``dtype=float32`` (or ``float16``): lmms-eval loads the
-weights in bf16, which is very slow on CPUs; the cast happens after loading (default: keep bf16).
+Besides the lmms-eval model's own arguments each accepts ``dtype=float32`` (or ``float16``): lmms-eval loads the
+weights in bf16 (``qwen2_vl``: the checkpoint's dtype), which is very slow on CPUs; the cast happens after
+loading (default: keep what lmms-eval loaded).
 
 Per sample, the logged output (``--log_samples``) records under ``token_counts``: ``input_tokens`` (prompt
 tokens), ``output_tokens``, ``psa_preset``, ``psa_density`` (FLOP-equivalent density of the prefill, mean
@@ -35,26 +52,47 @@ default, for exact per-sample numbers).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import lmms_eval.models.simple.qwen3_vl as _lmms_qwen3_vl_module
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _LmmsQwen25VLChat
+from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as _LmmsQwen3VLChat
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _LmmsQwen25VLSimple
+from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as _LmmsQwen2VLSimple
+from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as _LmmsQwen3VLSimple
 
 from ..api import check_config_for_backend
 from ..config import PSAConfig
-from ..inference import PrefillTimer, check_prompt_length, psa_config_from_options, summarize_psa_stats
+from ..inference import (
+    CheckpointError,
+    PrefillTimer,
+    check_prompt_length,
+    checkpoint_family,
+    psa_config_from_options,
+    summarize_psa_stats,
+)
 from ..video.decode import pyav_fallback
-from . import PSA_MODEL_ARGS
+from . import LMMS_MODEL_FOR_FAMILY, PSA_MODEL_ARGS
 
-__all__ = ["Qwen2_5_VL_PSA", "Qwen2_5_VL_PSASimple", "PSATokenCounts", "PSA_MODEL_ARGS"]
+__all__ = [
+    "Qwen2_VL_PSASimple",
+    "Qwen2_5_VL_PSA",
+    "Qwen2_5_VL_PSASimple",
+    "Qwen3_VL_PSA",
+    "Qwen3_VL_PSASimple",
+    "PSATokenCounts",
+    "PSA_MODEL_ARGS",
+]
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS = ("auto", "triton", "reference")
+from ..api import BACKENDS as _BACKENDS  # noqa: E402
 
 
 @dataclass
@@ -88,7 +126,16 @@ def _parse_layers(value: Any) -> Optional[List[int]]:
 
 
 class _PSAMixin:
-    """PSA patching and per-sample measurement on top of an lmms-eval Qwen2.5-VL class."""
+    """PSA patching and per-sample measurement on top of an lmms-eval Qwen VL class.
+
+    A family class sets ``model_id`` (the lmms-eval name), ``families`` (checkpoint ``model_type`` values it
+    serves) and, where lmms-eval's ``__init__`` needs it, overrides ``_base_load_kwargs``.
+    """
+
+    model_id: str = "qwen2_5_vl_psa"
+    families: Tuple[str, ...] = ("qwen2_5_vl",)
+    #: ``attn_implementation`` values lmms-eval's ``__init__`` of the family accepts as such.
+    base_attn_implementations: Tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")
 
     psa_preset: str
     psa_config: PSAConfig
@@ -122,12 +169,12 @@ class _PSAMixin:
     def set_psa(self, preset: str = "paper", **options: Any) -> PSAConfig:
         """(Re)configure PSA in place: ``preset`` plus the ``--model_args`` overrides (see module docstring).
 
-        ``preset="dense"`` (with no overrides) removes the patch: unpatched lmms-eval ``qwen2_5_vl``.
+        ``preset="dense"`` (with no overrides) removes the patch: lmms-eval's unpatched model of the family.
 
         Returns:
             The active ``PSAConfig`` (the ``dense`` preset's for the unpatched control).
         """
-        from ..patches import patch_qwen25vl, unpatch_qwen25vl
+        from ..patches import patch, unpatch
 
         options = dict(options)
         backend = str(options.pop("backend", "auto"))
@@ -146,10 +193,10 @@ class _PSAMixin:
         self.psa_config = config
         self.psa_backend = backend
         if preset == "dense":
-            unpatch_qwen25vl(self.model)
-            logger.info("qwen2_5_vl_psa: preset dense -> unpatched dense attention (the control)")
+            unpatch(self.model)
+            logger.info("%s: preset dense -> unpatched dense attention (the control)", self.model_id)
         else:
-            patch_qwen25vl(self.model, config, layers=layers, backend=backend)
+            patch(self.model, config, layers=layers, backend=backend)
         return config
 
     def _measure(self) -> Dict[str, Any]:
@@ -201,11 +248,24 @@ class _PSAMixin:
                 )
             dens = m["psa_density"]
             logger.debug(
-                "qwen2_5_vl_psa %s: %s tokens, density %s, prefill %s s", self.psa_preset, m["input_tokens"],
+                "%s %s: %s tokens, density %s, prefill %s s", self.model_id, self.psa_preset, m["input_tokens"],
                 "n/a" if dens is None else f"{dens:.3f}",
                 "n/a" if m["prefill_s"] is None or math.isnan(m["prefill_s"]) else f"{m['prefill_s']:.4f}",
             )
         return out
+
+
+    def _base_load_kwargs(self, attn_implementation: str) -> Dict[str, Any]:
+        """Keyword arguments that make lmms-eval's ``__init__`` load with ``attn_implementation`` (or with its
+        default when it does not take that name; ``_init`` then sets it after loading)."""
+        if attn_implementation in self.base_attn_implementations:
+            return {"attn_implementation": attn_implementation}
+        return {"attn_implementation": "sdpa"}
+
+    @contextlib.contextmanager
+    def _loading(self, pretrained: str) -> Iterator[None]:
+        """Context around lmms-eval's ``__init__`` (a family hook; nothing by default)."""
+        yield
 
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -229,6 +289,19 @@ def _device_of(kwargs: Dict[str, Any]) -> Optional[str]:
     return dev if isinstance(dev, str) and dev not in ("auto", "") else None
 
 
+def _check_family(self: Any, pretrained: str) -> None:
+    """A local checkpoint of another family fails here, naming the lmms-eval model that serves it."""
+    if not Path(pretrained).expanduser().is_dir():
+        return  # a hub id: lmms-eval resolves it
+    try:
+        family = checkpoint_family(pretrained)
+    except CheckpointError as exc:
+        raise ValueError(f"{self.model_id}: {exc}") from None
+    if family not in self.families:
+        raise ValueError(f"{self.model_id} serves {'/'.join(self.families)} checkpoints; {pretrained!r} is "
+                         f"{family!r}: use --model {LMMS_MODEL_FOR_FAMILY[family]}")
+
+
 def _init(self: Any, base: type, pretrained: str, attn_implementation: Optional[str], kwargs: Dict[str, Any]) -> None:
     psa_options = _PSAMixin._split_psa_kwargs(kwargs)
     dtype = kwargs.pop("dtype", None)
@@ -242,17 +315,31 @@ def _init(self: Any, base: type, pretrained: str, attn_implementation: Optional[
     config = psa_config_from_options(preset, **probe)
     if preset != "dense":  # the dense control runs unpatched
         check_config_for_backend(config, str(psa_options.get("backend", "auto")), device=_device_of(kwargs))
-    if attn_implementation not in ("sdpa", "eager"):
+    if attn_implementation is None:
+        attn_implementation = "sdpa"
+    if kwargs.pop("use_flash_attention_2", False) in (True, "True", "true"):  # lmms-eval qwen2_vl's own flag
+        attn_implementation = "flash_attention_2"
+    if not isinstance(attn_implementation, str) or not attn_implementation.strip() or \
+            attn_implementation.startswith("psa"):
         raise ValueError(
-            f"qwen2_5_vl_psa loads the checkpoint with dense 'sdpa' or 'eager' attention and then patches PSA in; "
-            f"got attn_implementation={attn_implementation!r}"
+            f"{self.model_id} loads the checkpoint with a transformers attention (sdpa, eager, flash_attention_2, "
+            f"...) and then patches PSA in; got attn_implementation={attn_implementation!r}"
         )
-    base.__init__(self, pretrained=pretrained, attn_implementation=attn_implementation, **kwargs)
+    _check_family(self, pretrained)
+    try:
+        with self._loading(pretrained):
+            base.__init__(self, pretrained=pretrained, **self._base_load_kwargs(attn_implementation), **kwargs)
+        loaded = self._model.config.get_text_config()._attn_implementation
+        if loaded != attn_implementation:  # a name lmms-eval's __init__ does not take
+            self._model.set_attn_implementation(attn_implementation)
+    except ImportError as exc:  # transformers: flash-attn / kernels package missing
+        raise ValueError(f"{self.model_id}: attn_implementation={attn_implementation!r} is not usable here: "
+                         f"{str(exc).strip().splitlines()[0]} (install it, or use attn_implementation=sdpa)") from None
     if dtype is not None and dtype != "bfloat16":  # lmms-eval loads bf16; float32 is much faster on CPUs
         import torch
 
         self._model.to(getattr(torch, dtype))
-        logger.info("qwen2_5_vl_psa: weights cast to %s", dtype)
+        logger.info("%s: weights cast to %s", self.model_id, dtype)
     self._psa_setup(psa_options)
 
 
@@ -261,7 +348,8 @@ class Qwen2_5_VL_PSA(_PSAMixin, _LmmsQwen25VLChat):
 
     Args:
         pretrained: Local checkpoint directory (or hub id where the hub is reachable).
-        attn_implementation: Dense attention the checkpoint is loaded with before patching (``sdpa``).
+        attn_implementation: Attention the checkpoint is loaded with before patching (``sdpa``); PSA falls back
+            to it for decode and short inputs.
         **kwargs: PSA options (``PSA_MODEL_ARGS``) and lmms-eval ``qwen2_5_vl`` arguments (``device``,
             ``device_map``, ``max_pixels``, ``min_pixels``, ``max_num_frames``, ``fps``, ``batch_size``, ...).
     """
@@ -281,3 +369,104 @@ class Qwen2_5_VL_PSASimple(_PSAMixin, _LmmsQwen25VLSimple):
     def __init__(self, pretrained: str = "Qwen/Qwen2.5-VL-7B-Instruct", attn_implementation: str = "sdpa",
                  **kwargs: Any) -> None:
         _init(self, _LmmsQwen25VLSimple, pretrained, attn_implementation, kwargs)
+
+
+class _Qwen2VLFamily(_PSAMixin):
+    """Qwen2-VL: lmms-eval's ``qwen2_vl`` takes ``use_flash_attention_2`` instead of ``attn_implementation``."""
+
+    model_id = "qwen2_vl_psa"
+    families = ("qwen2_vl",)
+
+    def _base_load_kwargs(self, attn_implementation: str) -> Dict[str, Any]:
+        # without the flag lmms-eval's qwen2_vl loads transformers' default (sdpa); other names are set afterwards
+        return {"use_flash_attention_2": attn_implementation == "flash_attention_2"}
+
+
+class Qwen2_VL_PSASimple(_Qwen2VLFamily, _LmmsQwen2VLSimple):
+    """lmms-eval simple model ``qwen2_vl_psa`` (lmms-eval has no chat ``qwen2_vl``, so this is its only class).
+
+    Args:
+        pretrained: Local Qwen2-VL checkpoint directory (or hub id where the hub is reachable).
+        attn_implementation: Attention the checkpoint is loaded with before patching (``sdpa``).
+        **kwargs: PSA options (``PSA_MODEL_ARGS``) and lmms-eval ``qwen2_vl`` arguments (``device``,
+            ``device_map``, ``max_pixels``, ``min_pixels``, ``max_num_frames``, ``batch_size``, ...).
+    """
+
+    is_simple = True
+
+    def __init__(self, pretrained: str = "Qwen/Qwen2-VL-7B-Instruct", attn_implementation: str = "sdpa",
+                 **kwargs: Any) -> None:
+        _init(self, _LmmsQwen2VLSimple, pretrained, attn_implementation, kwargs)
+
+
+class _Qwen3VLFamily(_PSAMixin):
+    """Qwen3-VL and Qwen3-VL-MoE: the model class follows the checkpoint's ``model_type``."""
+
+    model_id = "qwen3_vl_psa"
+    families = ("qwen3_vl", "qwen3_vl_moe")
+
+    @contextlib.contextmanager
+    def _loading(self, pretrained: str) -> Iterator[None]:
+        """While lmms-eval's ``qwen3_vl`` loads a local checkpoint, its choice of class follows the checkpoint's
+        ``model_type`` rather than an ``A<n>B`` in the path; everything is restored afterwards.
+
+        lmms-eval >= 0.7.3 chooses through ``_resolve_model_class(pretrained, is_moe)``: ``is_moe`` is replaced.
+        0.7.0 picks between the module's ``Qwen3VLForConditionalGeneration`` and
+        ``Qwen3VLMoeForConditionalGeneration``: both names point at the right class meanwhile. A loaded model of
+        another class (a future lmms-eval choosing otherwise) raises ``RuntimeError``.
+        """
+        if not Path(pretrained).expanduser().is_dir():
+            yield  # a hub id: lmms-eval's own rule (hub names of MoE checkpoints carry A<n>B)
+            return
+        import transformers
+
+        is_moe = checkpoint_family(pretrained) == "qwen3_vl_moe"
+        module = _lmms_qwen3_vl_module
+        names = ("_resolve_model_class",) if hasattr(module, "_resolve_model_class") else (
+            "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+        saved = {n: getattr(module, n) for n in names if hasattr(module, n)}
+        if "_resolve_model_class" in saved:
+            original = saved["_resolve_model_class"]
+            module._resolve_model_class = lambda path, _is_moe: original(path, is_moe)
+        else:
+            right = getattr(transformers, names[1] if is_moe else names[0])
+            for n in saved:
+                setattr(module, n, right)
+        try:
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(module, n, v)
+        expected = "Qwen3VLMoeForConditionalGeneration" if is_moe else "Qwen3VLForConditionalGeneration"
+        if type(self.model).__name__ != expected:  # ``model``: unwrapped from accelerate
+            raise RuntimeError(f"{self.model_id}: lmms-eval loaded {pretrained!r} as {type(self.model).__name__}, "
+                               f"but its config.json says {expected}; this lmms-eval version chooses the class "
+                               "another way: please report it")
+
+
+class Qwen3_VL_PSA(_Qwen3VLFamily, _LmmsQwen3VLChat):
+    """lmms-eval chat model ``qwen3_vl_psa``: Qwen3-VL and Qwen3-VL-MoE (see the module docstring).
+
+    Args:
+        pretrained: Local Qwen3-VL / Qwen3-VL-MoE checkpoint directory (or hub id where the hub is reachable).
+        attn_implementation: Attention the checkpoint is loaded with before patching (``sdpa``).
+        **kwargs: PSA options (``PSA_MODEL_ARGS``) and lmms-eval ``qwen3_vl`` arguments (``device``,
+            ``device_map``, ``max_pixels``, ``min_pixels``, ``total_pixels``, ``max_num_frames``, ``fps``,
+            ``system_prompt``, ``batch_size``, ...).
+    """
+
+    is_simple = False
+
+    def __init__(self, pretrained: str = "Qwen/Qwen3-VL-8B-Instruct", attn_implementation: str = "sdpa",
+                 **kwargs: Any) -> None:
+        _init(self, _LmmsQwen3VLChat, pretrained, attn_implementation, kwargs)
+
+
+class Qwen3_VL_PSASimple(_Qwen3VLFamily, _LmmsQwen3VLSimple):
+    """lmms-eval simple model ``qwen3_vl_psa`` (``--force_simple``); same options as ``Qwen3_VL_PSA``."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str = "Qwen/Qwen3-VL-8B-Instruct", attn_implementation: str = "sdpa",
+                 **kwargs: Any) -> None:
+        _init(self, _LmmsQwen3VLSimple, pretrained, attn_implementation, kwargs)

@@ -1,6 +1,7 @@
 """``psa-vlm eval-sweep``: lmms-eval accuracy against measured sparsity, the same tasks across PSA presets.
 
-One model instance (``qwen2_5_vl_psa``) is loaded once and re-configured per preset; every (task, preset)
+One model instance (``--lmms-model``: ``qwen2_vl_psa``, ``qwen2_5_vl_psa`` or ``qwen3_vl_psa``, by default the
+one that serves the checkpoint's ``model_type``) is loaded once and re-configured per preset; every (task, preset)
 pair is one in-process ``lmms_eval.evaluator.simple_evaluate`` call (no CLI start-up per run), with a
 ``TaskManager`` that includes the repository's offline tasks (``eval/tasks``). Each finished pair is written
 to ``OUT/runs/<task>__<preset>.json`` at once, so an interrupted sweep resumes where it stopped (a result
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import PRESETS
-from . import PSA_MODEL_ARGS
+from . import LMMS_MODEL_FOR_FAMILY, MODEL_IDS, PSA_MODEL_ARGS
 
 __all__ = [
     "add_arguments",
@@ -77,7 +78,15 @@ def default_include_path() -> Optional[Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``psa-vlm eval-sweep``."""
     parser.add_argument("--model", default=None,
-                        help="local Qwen2.5-VL checkpoint directory (default: the tiny offline model)")
+                        help="local checkpoint directory of a supported family (qwen2_vl, qwen2_5_vl, qwen3_vl, "
+                             "qwen3_vl_moe; default: the tiny offline Qwen2.5-VL)")
+    parser.add_argument("--lmms-model", "--model-family", dest="lmms_model", default=None,
+                        help="lmms-eval model: qwen2_vl_psa, qwen2_5_vl_psa or qwen3_vl_psa, or a model family "
+                             "(qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe) for the model that serves it "
+                             "(default: the one for the checkpoint's model_type)")
+    parser.add_argument("--force-simple", action="store_true",
+                        help="use the lmms-eval model's simple class instead of its chat class "
+                             "(qwen2_vl_psa has only a simple class)")
     parser.add_argument("--tasks", default=DEFAULT_TASKS,
                         help=f"comma-separated lmms-eval tasks (default {DEFAULT_TASKS})")
     parser.add_argument("--presets", default=DEFAULT_PRESETS,
@@ -89,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=output_dir, default=None,
                         help="output folder (default ./psa_sweep/<model name>)")
     parser.add_argument("--model-args", default="",
-                        help="extra qwen2_5_vl_psa arguments, 'k=v,k=v' as lmms-eval's --model_args "
+                        help="extra arguments of the lmms-eval model, 'k=v,k=v' as lmms-eval's --model_args "
                              "(e.g. 'max_num_frames=64,max_pixels=200704,min_seq_len=4096')")
     parser.add_argument("--include-path", type=existing_dir, action="append", default=None,
                         help="folder of extra lmms-eval task YAMLs (repeatable; default: the repo's eval/tasks)")
@@ -366,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
     """``psa-vlm eval-sweep``: see the module docstring."""
     import torch
 
-    from ..inference import CheckpointError, resolve_model_dir
+    from ..inference import CheckpointError, checkpoint_family, resolve_model_dir
 
     tasks = _split(args.tasks)
     presets = _split(args.presets)
@@ -382,6 +391,16 @@ def main(args: argparse.Namespace) -> int:
         model_dir, tiny_info = resolve_model_dir(args.model)
     except CheckpointError as exc:
         raise _cli_error(str(exc)) from None
+    family = checkpoint_family(model_dir)
+    lmms_model = LMMS_MODEL_FOR_FAMILY.get(args.lmms_model, args.lmms_model) or LMMS_MODEL_FOR_FAMILY[family]
+    if lmms_model not in MODEL_IDS:
+        raise _cli_error(f"--lmms-model {args.lmms_model!r} is none of {', '.join(MODEL_IDS)} "
+                         f"(or the families {', '.join(LMMS_MODEL_FOR_FAMILY)})")
+    if LMMS_MODEL_FOR_FAMILY[family] != lmms_model:
+        raise _cli_error(f"--lmms-model {lmms_model} does not serve {family} checkpoints ({model_dir}); "
+                         f"use {LMMS_MODEL_FOR_FAMILY[family]}")
+    chat_class, simple_class = MODEL_IDS[lmms_model]
+    class_name = simple_class if (args.force_simple or chat_class is None) else chat_class
     tiny = tiny_info is not None
     untrained = tiny and not tiny_info.get("trained", False)
     model_args = _parse_model_args(args.model_args)
@@ -415,6 +434,8 @@ def main(args: argparse.Namespace) -> int:
     signature = {"model": str(model_dir), "weights": weights_fingerprint(model_dir),
                  "model_args": {k: str(v) for k, v in sorted(model_args.items())},
                  "limit": limit, "format": RUN_FORMAT}
+    if class_name != (chat_class or simple_class):  # the lmms-eval class follows from the checkpoint otherwise
+        signature["lmms_class"] = class_name
 
     pairs = [(t, p) for p in presets for t in tasks]
     todo = []
@@ -438,11 +459,14 @@ def main(args: argparse.Namespace) -> int:
     if todo:
         from lmms_eval.evaluator import simple_evaluate
 
-        from .lmms_model import Qwen2_5_VL_PSA
+        from . import lmms_model as lmms_models
 
         tm = _task_manager(include, tasks)
-        logger.info("loading qwen2_5_vl_psa from %s", model_dir)
-        lm = Qwen2_5_VL_PSA(pretrained=str(model_dir), preset=todo[0][1], **model_args)
+        logger.info("loading %s (%s) from %s", lmms_model, class_name, model_dir)
+        try:
+            lm = getattr(lmms_models, class_name)(pretrained=str(model_dir), preset=todo[0][1], **model_args)
+        except ValueError as exc:  # e.g. an attn_implementation this machine lacks
+            raise _cli_error(str(exc)) from None
         lm.keep_model_loaded = True
         t_start = time.perf_counter()
         done_pairs = 0
@@ -483,7 +507,7 @@ def main(args: argparse.Namespace) -> int:
     margs = ",".join(f"{k}={v}" for k, v in sorted(model_args.items()))
     conditions = (
         f"Model `{model_dir}`{' (tiny, untrained: chance-level accuracy)' if untrained else ''}; lmms-eval "
-        f"{env['lmms_eval']} model `qwen2_5_vl_psa`, model args `{margs}`; "
+        f"{env['lmms_eval']} model `{lmms_model}` ({class_name}), model args `{margs}`; "
         f"limit {limit if limit is not None else 'none'}; device {device} ({env['gpu']}); torch {env['torch']}, "
         f"transformers {env['transformers']}, commit {env['commit']}. Sparsity and prefill time are per-sample "
         "means measured in the prefill (sparsity = 1 - FLOP-equivalent density, 0 for dense)."

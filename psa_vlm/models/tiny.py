@@ -1,8 +1,9 @@
-"""A tiny random-weight Qwen2.5-VL checkpoint with its processor, built offline in seconds.
+"""Tiny random-weight Qwen VL checkpoints with their processors, built offline in seconds.
 
-Tests, the CLI demo and the lmms-eval smoke runs need a real ``Qwen2_5_VLForConditionalGeneration``
-checkpoint directory (model, tokenizer, image and video processors, chat template) without the Hugging Face
-hub. This module builds one from scratch:
+Tests, the CLI demo and the lmms-eval smoke runs need a real checkpoint directory (model, tokenizer, image
+and video processors, chat template) without the Hugging Face hub. This module builds one from scratch for
+each supported family (``family=``: ``qwen2_vl``, ``qwen2_5_vl`` (the default), ``qwen3_vl``,
+``qwen3_vl_moe``; what differs per family is in ``psa_vlm.models.tiny_family``). For Qwen2.5-VL:
 
 * a small ``Qwen2_5_VLConfig`` (text: hidden 64, 3 layers, 4 query / 2 KV heads, head_dim 16, mRoPE;
   vision: 2 blocks of width 32, the real patch / merge geometry, ``out_hidden_size`` = text hidden size);
@@ -20,7 +21,14 @@ real checkpoint::
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
 
-Builds are deterministic for a given ``seed`` (same weights, same tokenizer files).
+Any family loads the same way through the auto classes::
+
+    from transformers import AutoModelForImageTextToText
+    path = build_tiny_checkpoint("/tmp/tiny3", family="qwen3_vl")   # psa-vlm build-tiny --family qwen3_vl
+    model = AutoModelForImageTextToText.from_pretrained(path)         # Qwen3VLForConditionalGeneration
+    processor = AutoProcessor.from_pretrained(path)                   # Qwen3VLProcessor
+
+Builds are deterministic for a given ``family`` and ``seed`` (same weights, same tokenizer files).
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .tiny_family import DEFAULT_FAMILY, FAMILIES, check_family, family_spec
+
 __all__ = [
+    "FAMILIES",
     "BUILDER_VERSION",
     "SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
@@ -297,7 +308,7 @@ def _marker(seed: int) -> Dict[str, Any]:
             "transformers": transformers.__version__}
 
 
-def _is_complete(path: Path, seed: Optional[int] = None) -> bool:
+def _is_complete(path: Path, seed: Optional[int] = None, family: Optional[str] = None) -> bool:
     marker = path / MARKER_FILE
     if not marker.is_file():
         return False
@@ -307,59 +318,49 @@ def _is_complete(path: Path, seed: Optional[int] = None) -> bool:
         return False
     if data.get("builder_version") != BUILDER_VERSION:
         return False
+    if family is not None and data.get("family", DEFAULT_FAMILY) != family:  # markers before families: 2.5-VL
+        return False
     return seed is None or data.get("seed") == seed
 
 
-def _write_checkpoint(path: Path, seed: int) -> None:
-    """Build the model and processor and ``save_pretrained`` both into ``path`` (an existing empty dir)."""
+def _write_checkpoint(path: Path, seed: int, family: str = DEFAULT_FAMILY) -> None:
+    """Build the model and processor of ``family`` and ``save_pretrained`` both into ``path`` (an existing dir)."""
     import torch
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    import transformers
 
+    spec = family_spec(family)
     tokenizer = _build_tokenizer()
     token_ids, vocab_size = token_ids_and_vocab(tokenizer)
-    config = Qwen2_5_VLConfig(**tiny_config_kwargs(vocab_size, token_ids))
+    config = getattr(transformers, spec.config_class)(**spec.config_kwargs(vocab_size, token_ids))
 
     # Deterministic weights without touching the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+        model = getattr(transformers, spec.model_class)(config).to(torch.float32).eval()
     model.generation_config = generation_config(token_ids)
-
-    proc_kwargs = dict(min_pixels=_MIN_PIXELS, max_pixels=_MAX_PIXELS, patch_size=14, temporal_patch_size=2,
-                       merge_size=2)
-    image_processor = Qwen2VLImageProcessor(**proc_kwargs)
-    video_kwargs: Dict[str, Any] = dict(proc_kwargs)
-    if hasattr(Qwen2VLVideoProcessor, "cap_pixels_per_frame"):  # transformers >= 5.2x: qwen-vl-utils' pixel cap
-        video_kwargs["cap_pixels_per_frame"] = True
-    video_processor = Qwen2VLVideoProcessor(**video_kwargs)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = spec.processor(tokenizer)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     n_params = sum(p.numel() for p in model.parameters())
-    (path / MARKER_FILE).write_text(json.dumps({**_marker(seed), "parameters": n_params}, indent=2) + "\n")
-    logger.debug("tiny Qwen2.5-VL: %d parameters, vocab %d, written to %s", n_params, vocab_size, path)
+    marker = {**_marker(seed), "family": family, "parameters": n_params}
+    (path / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    logger.debug("tiny %s: %d parameters, vocab %d, written to %s", family, n_params, vocab_size, path)
 
 
-def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], *, seed: int = 0, overwrite: bool = False) -> Path:
-    """Build the tiny random-weight Qwen2.5-VL checkpoint (model + processor) into ``out_dir``.
+def build_tiny_checkpoint(
+    out_dir: Union[str, os.PathLike], *, family: str = DEFAULT_FAMILY, seed: int = 0, overwrite: bool = False
+) -> Path:
+    """Build a tiny random-weight checkpoint (model + processor) of ``family`` into ``out_dir``.
 
     The directory is written through a staging directory beside it and renamed into place, so a reader never
     sees a half-written checkpoint.
 
     Args:
-        out_dir: Target directory. It may be missing or empty; a complete tiny checkpoint built with the
-            same ``seed`` is reused as is. Any other content raises unless ``overwrite`` is set.
+        out_dir: Target directory. It may be missing or empty; a complete tiny checkpoint of the same
+            family built with the same ``seed`` is reused as is. Any other content raises unless
+            ``overwrite`` is set.
+        family: ``qwen2_vl``, ``qwen2_5_vl`` (default), ``qwen3_vl`` or ``qwen3_vl_moe``
+            (``psa_vlm.models.tiny_family`` says how they differ).
         seed: Seed of the random weights (the tokenizer is the same for every seed).
         overwrite: Replace an existing tiny checkpoint in ``out_dir`` (directories that are not tiny
             checkpoints are never deleted).
@@ -368,26 +369,30 @@ def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], *, seed: int = 0, ov
         The checkpoint directory as an absolute ``Path``.
 
     Raises:
-        FileExistsError: ``out_dir`` holds something else (or a tiny checkpoint of another seed without
-            ``overwrite``).
+        FileExistsError: ``out_dir`` holds something else (or a tiny checkpoint of another family or seed
+            without ``overwrite``).
+        ValueError: Unknown ``family``.
     """
+    check_family(family)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()):
-        if _is_complete(out, seed) and not overwrite:
-            logger.info("tiny Qwen2.5-VL checkpoint already at %s (seed %d); reusing it", out, seed)
+        if _is_complete(out, seed, family) and not overwrite:
+            logger.info("tiny %s checkpoint already at %s (seed %d); reusing it", family, out, seed)
             return out
         if not (out / MARKER_FILE).is_file():
             raise FileExistsError(
                 f"{out} is not empty and is not a psa_vlm tiny checkpoint; pass an empty or new directory"
             )
         if not overwrite:
-            raise FileExistsError(f"{out} holds a tiny checkpoint of another seed/version; pass overwrite=True")
+            raise FileExistsError(
+                f"{out} holds a tiny checkpoint of another family/seed/version; pass overwrite=True"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_checkpoint(staging, seed)
+        _write_checkpoint(staging, seed, family)
         if out.is_dir():
             if any(out.iterdir()):
                 shutil.rmtree(out)  # a tiny checkpoint (checked above), replaced on request
@@ -397,7 +402,7 @@ def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], *, seed: int = 0, ov
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("built tiny Qwen2.5-VL checkpoint at %s (seed %d)", out, seed)
+    logger.info("built tiny %s checkpoint at %s (seed %d)", family, out, seed)
     return out
 
 
@@ -406,7 +411,7 @@ def _cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "psa_vlm"
 
 
-def default_tiny_checkpoint(seed: int = 0) -> Path:
+def default_tiny_checkpoint(seed: int = 0, family: str = DEFAULT_FAMILY) -> Path:
     """The tiny checkpoint in the cache (``$PSA_VLM_CACHE`` or ``~/.cache/psa_vlm``), built on first use.
 
     Safe when several processes call it at once: each builds into its own staging directory and the first
@@ -414,26 +419,32 @@ def default_tiny_checkpoint(seed: int = 0) -> Path:
 
     Args:
         seed: Seed of the random weights.
+        family: Model family (``FAMILIES``); each has its own cache directory.
 
     Returns:
         Path of the cached checkpoint directory.
+
+    Raises:
+        ValueError: Unknown ``family``.
     """
     import transformers
 
+    check_family(family)
     root = _cache_root()
-    target = root / f"tiny-qwen25vl-v{BUILDER_VERSION}-tf{transformers.__version__}-seed{seed}"
-    if _is_complete(target, seed):
+    name = "qwen25vl" if family == DEFAULT_FAMILY else family.replace("_", "")  # the 2.5-VL name predates families
+    target = root / f"tiny-{name}-v{BUILDER_VERSION}-tf{transformers.__version__}-seed{seed}"
+    if _is_complete(target, seed, family):
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _write_checkpoint(staging, seed)
+        _write_checkpoint(staging, seed, family)
         try:
             os.rename(staging, target)  # atomic; fails if another process got there first
-            logger.info("built tiny Qwen2.5-VL checkpoint at %s", target)
+            logger.info("built tiny %s checkpoint at %s", family, target)
         except OSError:
-            if not _is_complete(target, seed):
+            if not _is_complete(target, seed, family):
                 # a stale, incomplete directory (e.g. a killed build of an old version): replace it
                 shutil.rmtree(target, ignore_errors=True)
                 os.rename(staging, target)
@@ -450,6 +461,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--out", type=output_dir, default=None,
                         help="target directory (default: the shared cache, $PSA_VLM_CACHE or ~/.cache/psa_vlm)")
+    parser.add_argument("--family", default=DEFAULT_FAMILY, choices=FAMILIES,
+                        help=f"model family (default {DEFAULT_FAMILY})")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing tiny checkpoint in --out")
 
@@ -459,8 +472,8 @@ def main(args: argparse.Namespace) -> int:
     from ..cli import CLIError
 
     try:
-        path = (default_tiny_checkpoint(seed=args.seed) if args.out is None
-                else build_tiny_checkpoint(args.out, seed=args.seed, overwrite=args.overwrite))
+        path = (default_tiny_checkpoint(seed=args.seed, family=args.family) if args.out is None
+                else build_tiny_checkpoint(args.out, family=args.family, seed=args.seed, overwrite=args.overwrite))
     except FileExistsError as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:  # e.g. a read-only or virtual file system under --out

@@ -63,6 +63,40 @@ def test_explicit_arguments(tiny_checkpoint, tmp_path, capsys):
     assert _field(out, "agree").startswith(("yes", "no"))
 
 
+@pytest.mark.parametrize("family,attn", [("qwen2_vl", "sdpa"), ("qwen3_vl", "eager"), ("qwen3_vl_moe", "sdpa")])
+def test_run_every_family(family, attn, tiny_family_checkpoint, tmp_path, capsys):
+    """``--model DIR`` of each family: loaded with the given attention, patched by ``psa_vlm.patch``, PSA runs;
+    the prompt line counts what lies inside the video spans (Qwen3-VL: timestamps and per-frame markers)."""
+    from transformers import AutoProcessor
+
+    from psa_vlm.inference import prepare_inputs, video_messages
+
+    clip = make_clip(tmp_path / "clip.mp4", "needle_color", frames=24, width=112, height=84, fps=6.0, seed=5)
+    path = tiny_family_checkpoint(family)
+    rc = main(["run", "--model", str(path), "--video", clip.video, "--prompt", clip.prompt(),
+               "--preset", "quota-0.2", "--max-frames", "16", "--max-pixels", str(112 * 84), "--min-seq-len", "16",
+               "--block-size", "16", "--max-new-tokens", "2", "--attn-implementation", attn])
+    assert rc == 0
+    out = capsys.readouterr().out
+    name = {"qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE"}[family]
+    assert _field(out, "model") == f"tiny random-weight {name} ({path}); cpu, float32, attention {attn}"
+    assert "16 frames sampled" in out and "0.5 s per temporal patch" in out  # 2 frames at 4 sampled fps
+    # the same prompt, tokenised here: pads, tokens inside <|vision_start|> ... <|vision_end|>, the rest text
+    processor = AutoProcessor.from_pretrained(path)
+    msgs = video_messages(clip.video, clip.prompt(), nframes=16, min_pixels=28 * 28 * 4, max_pixels=112 * 84)
+    ids = prepare_inputs(processor, msgs)["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    pad, start, end = (tok.convert_tokens_to_ids(t) for t in ("<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    first, last = ids.index(start), len(ids) - 1 - ids[::-1].index(end)
+    n_pad, n_span = ids.count(pad), last - first + 1
+    extra = f", {n_span - n_pad} more inside the video spans" if n_span > n_pad else ""
+    assert _field(out, "prompt") == f"{len(ids)} tokens ({n_pad} video{extra}, {len(ids) - n_span} text)"
+    if family.startswith("qwen3"):
+        assert n_span - n_pad > 3 * 8  # 8 temporal patches: a timestamp and two markers each, plus the outer pair
+    density = float(re.match(r"([0-9.]+) \(sparsity", _field(out, "density")).group(1))
+    assert 0.0 < density < 0.9
+
+
 def _prompt_tokens(out: str) -> int:
     return int(_field(out, "prompt").split()[0])
 
@@ -93,7 +127,11 @@ def bad_inputs(tmp_path, tiny_checkpoint):
         "video is a directory": (["--video", str(tmp_path)], "is not a file"),
         "missing model dir": (["--model", str(tmp_path / "nope")], "does not exist"),
         "not a checkpoint": (["--model", str(empty)], "no config.json"),
-        "another model type": (["--model", str(other)], "not a Qwen2.5-VL checkpoint"),
+        "another model type": (["--model", str(other)], "psa_vlm supports the model types qwen2_vl, qwen2_5_vl"),
+        "attention not installed": (["--model", str(tiny_checkpoint), "--attn-implementation", "flash_attention_2"],
+                                    "attn_implementation='flash_attention_2'"),
+        "unknown attention": (["--model", str(tiny_checkpoint), "--attn-implementation", "bogus"],
+                              "attn_implementation='bogus'"),
         "unknown preset": (["--model", str(tiny_checkpoint), "--preset", "sparse-9000"], "unknown preset"),
         "too few frames": (["--max-frames", "1"], "--max-frames"),
         "bad fps": (["--fps", "0"], "--fps"),
@@ -103,7 +141,8 @@ def bad_inputs(tmp_path, tiny_checkpoint):
 
 @pytest.mark.parametrize("case", [
     "missing video", "unreadable video", "video is a directory", "missing model dir", "not a checkpoint",
-    "another model type", "unknown preset", "too few frames", "bad fps", "empty prompt",
+    "another model type", "unknown preset", "too few frames", "bad fps", "empty prompt", "attention not installed",
+    "unknown attention",
 ])
 @pytest.mark.parametrize("prefix", [["run"], []], ids=["run", "bare"])
 def test_bad_input_is_one_line(bad_inputs, case, prefix, capsys):
