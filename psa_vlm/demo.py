@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .api import run_psa
+from .api import BACKENDS, run_psa
 from .bench.common import binary_config_at_density
 from .bench.synthetic import video_like_qkv
 from .config import PSAConfig
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"PSA preset: {', '.join(PSAConfig.preset_names())} (default paper)")
     p.add_argument("--block", type=positive_int, default=None,
                    help="block size for queries and keys (default: preset's)")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
 

@@ -37,7 +37,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .config import PRESETS, PSAConfig
-from .api import check_config_for_backend
+from .api import BACKENDS, check_config_for_backend
 from .inference import (
     DEFAULT_ATTN_IMPLEMENTATION,
     DEFAULT_MAX_PIXELS,
@@ -104,8 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"per-frame pixel floor (default {DEFAULT_MIN_PIXELS})")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also run unpatched dense attention: speed-up and answer agreement")
-    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
-                        help="PSA kernels: auto (Triton on CUDA, PyTorch reference on CPU)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="PSA kernels: auto (FlashAttention-4 attend stage where installed, else Triton, on CUDA; "
+                             "the PyTorch reference on the CPU), fa4, triton or reference")
     parser.add_argument("--min-seq-len", type=nonnegative_int, default=None,
                         help="prefills shorter than this run dense (default: the preset's, 4096; 64 on the tiny demo)")
     parser.add_argument("--block-size", type=positive_int, default=None,

@@ -67,7 +67,7 @@ from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _LmmsQwen25VLSimple
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as _LmmsQwen2VLSimple
 from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as _LmmsQwen3VLSimple
 
-from ..api import check_config_for_backend
+from ..api import BACKENDS, check_config_for_backend
 from ..config import PSAConfig
 from ..inference import (
     CheckpointError,
@@ -92,7 +92,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-from ..api import BACKENDS as _BACKENDS  # noqa: E402
+_BACKENDS = BACKENDS
 
 
 @dataclass
