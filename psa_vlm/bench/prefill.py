@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local Qwen2.5-VL checkpoint (default: random 7B-shaped weights)")
     p.add_argument("--layers", type=positive_int, default=None, help="decoder layers (default: the model's, 28 for 7B)")
     p.add_argument("--frame-size", type=positive_int, default=448,
-                   help="with --model: frame side in pixels of the synthetic video (default 448: 256 tokens / 2 frames)")
+                   help="with --model: frame side in pixels of the synthetic video "
+                        "(default 448: 256 tokens / 2 frames)")
     p.add_argument("--reps", type=positive_int, default=3, help="timed prefills per method (median)")
     p.add_argument("--out", type=output_file, default="eval/results/prefill.csv", help="CSV to append to ('' for none)")
     p.add_argument("--figure", type=output_file, default="eval/results/prefill.png", help="PNG figure ('' for none)")
