@@ -618,6 +618,11 @@ def run_psa(
     )
     if plan_only:
         return None, plan
+    if config.dense and be == "fa4" and level_map is None and key_padding_mask is None and q.dtype != torch.float32:
+        # exact causal attention: FlashAttention-4's dense forward is the fastest form of the all-full plan
+        from .kernels.attention.fa4 import dense_attention
+
+        return dense_attention(q, k, v, scale=scale, out=out), plan
     if config.dense_guard and level_map is None and not config.dense and key_padding_mask is None:
         dense = _guarded_dense(be, plan.level_map, q, k, v, scale, config)
         if dense is not None:

@@ -14,9 +14,9 @@ Frames are read by qwen-vl-utils with decord (with PyAV for videos decord cannot
 processor with their metadata, so the temporal positions match the sampled frame rate. Argument errors,
 including a PSA config the chosen backend cannot run (``--block-size 24`` with the Triton kernels), fail at
 parse time with one line and exit status 2; a prompt longer than the model's ``max_position_embeddings`` fails
-before prefill, naming ``--fps``, ``--max-frames`` and ``--max-pixels``. Without ``--fps`` the video is sampled evenly to
-``--max-frames`` frames (lmms-eval's rule); with ``--fps`` one frame every ``1/fps`` seconds, capped at
-``--max-frames``.
+before prefill, naming ``--fps``, ``--max-frames`` and ``--max-pixels``. Without ``--fps`` the video is sampled
+evenly to ``--max-frames`` frames (lmms-eval's rule); with ``--fps`` one frame every ``1/fps`` seconds, capped
+at ``--max-frames``.
 
 Output (stdout): the answer, prompt tokens, prefill time, PSA density and level histogram from
 ``psa_stats``; ``--compare-dense`` also runs the unpatched model and prints the speed-up and whether the

@@ -256,7 +256,9 @@ def test_operator_checks_the_config_before_any_kernel(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- item 8: types
-@pytest.mark.parametrize("scale", [torch.tensor(0.1), np.float32(0.1), np.float64(0.1), 0.1, torch.tensor(0.1).double()])
+@pytest.mark.parametrize(
+    "scale", [torch.tensor(0.1), np.float32(0.1), np.float64(0.1), 0.1, torch.tensor(0.1).double()]
+)
 def test_scale_accepts_numbers(scale):
     q, k, v = qkv(1, 2, 1, 33, 16)
     want = psa_attention(q, k, v, small(), scale=0.1)

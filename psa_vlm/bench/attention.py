@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-lens", type=positive_int_list, default="16384,32768,65536,131072",
                    help="comma-separated token counts")
     p.add_argument("--presets", type=choice_list(_known_method, "presets"), default=DEFAULT_PRESETS,
-                   help="comma-separated presets; 'binary@P' is keep/drop with its quota corrected to P's measured density")
+                   help="comma-separated presets; 'binary@P' is keep/drop with its quota corrected to P's "
+                        "measured density")
     p.add_argument("--heads", type=positive_int, default=28)
     p.add_argument("--kv-heads", type=positive_int, default=4)
     p.add_argument("--head-dim", type=positive_int, default=128)

@@ -420,11 +420,16 @@ def main(args: argparse.Namespace) -> int:
     # validate the PSA overrides for every preset before anything slow
     from ..inference import psa_config_from_options
 
+    from ..api import check_config_for_backend
+
+    device = model_args.get("device") if isinstance(model_args.get("device"), str) else None
     for p in presets:
         probe = {k: v for k, v in psa_overrides.items() if k not in ("backend", "psa_layers")}
         try:
-            psa_config_from_options(p, **probe)
-        except ValueError as exc:
+            cfg = psa_config_from_options(p, **probe)
+            if p != "dense":  # the dense control runs unpatched
+                check_config_for_backend(cfg, str(psa_overrides.get("backend", "auto")), device=device)
+        except (TypeError, ValueError) as exc:
             raise _cli_error(f"preset {p} with --model-args: {exc}") from None
 
     out = args.out if args.out is not None else Path("psa_sweep") / Path(model_dir).name

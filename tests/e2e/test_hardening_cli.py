@@ -54,6 +54,8 @@ def _one_line_error(capsys, argv, prog, *needles):
         (["eval-sweep", "--bootstrap-iters", "-2"], ["--bootstrap-iters"]),
         (["eval-sweep", "--out", "/proc/sweep"], ["--out"]),
         (["eval-sweep", "--include-path", "/nonexistent/tasks"], ["--include-path"]),
+        (["eval-sweep", "--presets", "dense,paper", "--model-args", "block_size=24,backend=triton"],
+         ["preset paper", "block_q=24", "powers of two"]),
         (["run", "--max-new-tokens", "0"], ["--max-new-tokens"]),
         (["run", "--block-size", "abc"], ["--block-size"]),
         (["run", "--min-pixels", "-5"], ["--min-pixels"]),
