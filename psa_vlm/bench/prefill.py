@@ -102,13 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "instead of random weights; prompts are real video tokens through its processor")
     p.add_argument("--layers", type=positive_int, default=None, help="decoder layers (default: the model's, 28 / 36)")
     p.add_argument("--frame-size", type=positive_int, default=448,
-<<<<<<< HEAD
                    help="with --model: frame side in pixels of the synthetic video (default 448: 256 tokens per 2 "
                         "frames at patch 14, 196 at Qwen3-VL's patch 16)")
-=======
-                   help="with --model: frame side in pixels of the synthetic video "
-                        "(default 448: 256 tokens / 2 frames)")
->>>>>>> hard
     p.add_argument("--reps", type=positive_int, default=3, help="timed prefills per method (median)")
     p.add_argument("--backend", default="auto", choices=("auto", "fa4", "triton"),
                    help="PSA backend (auto: FlashAttention-4 attend stage where installed, else Triton)")
