@@ -1,31 +1,49 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (H100/H200): GPU test tier, attention benchmark, prefill benchmark, and on request
-# the offline lmms-eval sweep of the trained tiny model (sweep) and the data-parallel harness check (dp).
-# Usage: bash benchmarks/gpu_all.sh [tests] [tests2] [attention] [prefill] [stages] [sweep] [dp]
-#   (tests2: the two-GPU device_map test alone)
-#   (default: tests attention prefill)
-# Env: SEQ_LENS (attention, default 16k-128k), PREFILL_LENS (default 16k-128k), OUT (results copy, e.g. $OUT).
-# Results are appended to eval/results/{attention,prefill}.csv (+ .md/.png) and copied to $OUT when set.
+# Everything psa_vlm checks and times on a GPU box (H100/H200), in one command, from the repository root.
+# Install first: pip install -e ".[eval,test,fa4]"  (fa4: FlashAttention-4 for the fa4 backend; without it the
+# runs use the Triton backend and the FlashAttention-4 baselines are skipped).
+#
+# Usage: bash benchmarks/gpu_all.sh [PART ...]      (default: tests fa4 attention prefill)
+#   tests      GPU test tier (kernels, every backend, the model patch of every family) at realistic shapes
+#   fa4        benchmarks/devcheck_fa4.py: the FlashAttention-4 attend stage level by level, hybrid variants,
+#              new-length compile cost
+#   stages     benchmarks/devcheck_stages.py: pool / estimate / assign against their references, timed
+#   attention  psa-vlm bench-attention (every dense baseline, every stage, checked in the same run)
+#   prefill    psa-vlm bench-prefill, Qwen2.5-VL-7B-shaped (TTFT)
+#   prefill3   psa-vlm bench-prefill --arch qwen3_vl, Qwen3-VL-8B-shaped (TTFT)
+#   sweep      offline lmms-eval accuracy sweep of the shipped tiny model (needs the eval extra)
+#   dp         data-parallel lmms-eval (accelerate, one process per GPU) against a single process
+#   tests2     the two-GPU device_map tests alone
+# Env: SEQ_LENS (attention), PREFILL_LENS, PREFILL3_LENS, ATTN_ARGS, PREFILL_ARGS, SWEEP_ARGS,
+#      OUT (a folder that receives copies of the result tables and logs).
+# Results are appended to eval/results/*.csv (+ .md/.png) with the GPU name, versions and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PSA_VLM_TEST_GPU=1
-parts="${*:-tests attention prefill}"
+parts="${*:-tests fa4 attention prefill}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+python3 -c "from psa_vlm.kernels.attention.fa4 import fa4_import_error as e; print('flash-attn-4:', e() or 'ok')"
 rc=0
 for part in $parts; do
   case "$part" in
     tests)
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/patches 2>&1 | tail -25 || rc=1 ;;
+      python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore::DeprecationWarning tests 2>&1 | tail -25 || rc=1 ;;
+    fa4)
+      python3 benchmarks/devcheck_fa4.py ${OUT:+--out "$OUT"} 2>&1 | grep -v "Warning" || rc=1 ;;
     stages)
-      python3 -m psa_vlm.kernels.devcheck_stages 2>&1 | tail -30 || rc=1 ;;
+      python3 benchmarks/devcheck_stages.py ${OUT:+--out "$OUT"} 2>&1 | tail -30 || rc=1 ;;
     attention)
-      python3 -m psa_vlm.cli bench-attention --seq-lens "${SEQ_LENS:-16384,32768,65536,131072}" ${ATTN_ARGS:-} 2>&1 | grep -v "^INFO" || rc=1 ;;
+      python3 -m psa_vlm.cli bench-attention --seq-lens "${SEQ_LENS:-16384,32768,65536,131072}" ${ATTN_ARGS:-} 2>&1 \
+        | grep -v "^INFO\|Warning" || rc=1 ;;
     prefill)
-      python3 -m psa_vlm.cli bench-prefill --seq-lens "${PREFILL_LENS:-16384,32768,65536,131072}" ${PREFILL_ARGS:-} 2>&1 | grep -v "^INFO" || rc=1 ;;
+      python3 -m psa_vlm.cli bench-prefill --seq-lens "${PREFILL_LENS:-16384,32768,65536,131072}" ${PREFILL_ARGS:-} \
+        2>&1 | grep -v "^INFO\|Warning" || rc=1 ;;
+    prefill3)
+      python3 -m psa_vlm.cli bench-prefill --arch qwen3_vl --seq-lens "${PREFILL3_LENS:-32768,65536,131072,262144}" \
+        ${PREFILL_ARGS:-} 2>&1 | grep -v "^INFO\|Warning" || rc=1 ;;
     sweep)
-      # accuracy against sparsity of the shipped trained tiny model on the offline lmms-eval tasks (needs
-      # lmms-eval, qwen-vl-utils, decord and av: carry them as wheels, see benchmarks/device_wheels/README.md);
+      # accuracy against sparsity of the shipped trained tiny model on the offline lmms-eval tasks;
       # SWEEP_ARGS=--redo re-runs pairs already in eval/results (a sweep resumes only runs of the same weights)
       export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HOME="${HF_HOME:-$(mktemp -d)}"
       python3 eval/tasks/psa_synth/utils.py || rc=1
@@ -33,10 +51,7 @@ for part in $parts; do
       python3 -m psa_vlm.cli eval-sweep --model psa_vlm/data/tiny_trained --tasks psa_synth_long ${SWEEP_ARGS:-} \
         --presets "${SWEEP_PRESETS:-dense,paper,quota-0.1,quota-0.2,quota-0.3,binary-0.1,binary-0.2,binary-0.3}" \
         --model-args "$margs" --out eval/results/sweep-tiny-synth 2>&1 | grep -v "^INFO\|it/s\]" || rc=1
-      python3 -m psa_vlm.cli eval-sweep --model psa_vlm/data/tiny_trained --tasks psa_synth_short ${SWEEP_ARGS:-} \
-        --presets dense,paper,quota-0.2,binary-0.2 --model-args "$margs" --out eval/results/sweep-tiny-synth-short \
-        2>&1 | grep -v "^INFO\|it/s\]" || rc=1
-      if [ -n "${OUT:-}" ]; then tar -czf "$OUT/sweep.tar.gz" eval/results/sweep-tiny-synth eval/results/sweep-tiny-synth-short; fi ;;
+      if [ -n "${OUT:-}" ]; then tar -czf "$OUT/sweep.tar.gz" eval/results/sweep-tiny-synth; fi ;;
     dp)
       # data-parallel lmms-eval (accelerate, one process per GPU) with the PSA model: a random model with
       # Qwen2.5-VL-7B-shaped layers on the offline task, run once in one process and once over all GPUs;
@@ -54,7 +69,7 @@ for part in $parts; do
       done
       python3 benchmarks/compare_dp.py /tmp/dp_1 "/tmp/dp_$ngpu" || rc=1 ;;
     tests2)
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/patches/test_qwen2_5_vl_gpu.py -k two_gpus 2>&1 | tail -5 || rc=1 ;;
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests/patches -k two_gpus 2>&1 | tail -5 || rc=1 ;;
     *) echo "unknown part $part"; rc=2 ;;
   esac
 done
