@@ -94,7 +94,9 @@ def reference(text_model, embeds):
 
 
 def test_paper_preset_triton_32k(text_model, embeds, reference):
-    psa_vlm.patch_qwen25vl(text_model, PSAConfig.preset("paper"), backend="triton")
+    # the sparse path itself: on these random weights the paper rule keeps ~90% of the blocks, where the dense
+    # guard would run dense attention instead (tested below)
+    psa_vlm.patch_qwen25vl(text_model, PSAConfig.preset("paper", dense_guard=False), backend="triton")
     try:
         out = _hidden(text_model, embeds)
         torch.cuda.synchronize()
@@ -109,6 +111,29 @@ def test_paper_preset_triton_32k(text_model, embeds, reference):
     # sparse, yet close to dense in direction (random weights: a loose sanity bound, not an accuracy claim)
     cos = torch.nn.functional.cosine_similarity(out.float(), reference.float(), dim=-1)
     assert cos.mean() > 0.8, float(cos.mean())
+
+
+def test_dense_guard_runs_dense_for_a_dense_plan(text_model, embeds, reference):
+    """Guarded layers report density 1.0 with the plan's density beside it, and compute dense attention."""
+    from psa_vlm.cost import ATTEND_COSTS
+
+    psa_vlm.patch_qwen25vl(text_model, PSAConfig.preset("paper"), backend="triton")
+    try:
+        out = _hidden(text_model, embeds)
+        stats = psa_vlm.psa_stats(text_model)
+    finally:
+        psa_vlm.unpatch_qwen25vl(text_model)
+    break_even = (1.0 - ATTEND_COSTS["triton"].overhead) / max(ATTEND_COSTS["triton"].per_factor)
+    guarded = [v for v in stats["layers"].values() if v["dense_guard"]]
+    assert stats["dense_guard_layers"] == len(guarded)
+    for v in stats["layers"].values():
+        if v["dense_guard"]:
+            assert v["density"] == 1.0 and break_even * 0.9 < v["planned_density"] <= 1.0, v
+        else:
+            assert v["density"] == v["planned_density"] < 1.0
+    if len(guarded) == N_LAYERS:  # every layer dense: the output is dense attention's
+        rel = (out.float() - reference.float()).norm() / reference.float().norm()
+        assert rel < 2e-2, float(rel)
 
 
 def test_dense_preset_triton_matches_sdpa(text_model, embeds, reference):
