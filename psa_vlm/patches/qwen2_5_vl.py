@@ -27,6 +27,7 @@ Two names are registered: ``"psa"`` (dense fallback ``sdpa``, sdpa masks) and ``
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import types
 from dataclasses import dataclass, field
@@ -171,9 +172,22 @@ class _PatchState:
     types_by_device: Dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
     dense_reason: Optional[str] = None  # set when this forward cannot use PSA (e.g. a static cache)
     warned: set = field(default_factory=set, repr=False)
+    layer_configs: Dict[Any, PSAConfig] = field(default_factory=dict, repr=False)
 
     def enabled(self, layer_idx: Optional[int]) -> bool:
         return self.layers is None or layer_idx in self.layers
+
+    def config_for(self, layer_idx: Optional[int]) -> PSAConfig:
+        """The config layer ``layer_idx`` runs: ``config.for_layer(layer_idx)`` (its per-layer overrides)."""
+        if not self.config.layer_overrides:
+            return self.config
+        key = (self.config, layer_idx)
+        cfg = self.layer_configs.get(key)
+        if cfg is None:
+            if len(self.layer_configs) > 256:  # configs replaced many times: start over
+                self.layer_configs.clear()
+            cfg = self.layer_configs[key] = self.config.for_layer(layer_idx)
+        return cfg
 
     def token_types_on(self, device: torch.device, batch: int, lk: int) -> Optional[torch.Tensor]:
         tt = self.token_types
@@ -268,7 +282,7 @@ def _make_attention_forward(original: str) -> Callable:
         """
         state: Optional[_PatchState] = getattr(module, "_psa_state", None)
         layer_idx = getattr(module, "layer_idx", None)
-        config = state.config if state is not None else _DEFAULT_CONFIG
+        config = state.config_for(layer_idx) if state is not None else _DEFAULT_CONFIG
         lq = query.shape[2]
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
@@ -432,13 +446,17 @@ def _set_text_attention(text_model: torch.nn.Module, name: str, modules: List[to
         )
 
 
-def _coerce_config(config: Union[PSAConfig, str, None]) -> PSAConfig:
+def _coerce_config(config: Union[PSAConfig, str, "os.PathLike[str]", None]) -> PSAConfig:
     if config is None:
         return PSAConfig()
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and config.endswith(".json")):
+        return PSAConfig.load(config)
     if isinstance(config, str):
         return PSAConfig.preset(config)
     if not isinstance(config, PSAConfig):
-        raise TypeError(f"config must be a PSAConfig, a preset name or None, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a PSAConfig, a preset name, a JSON config path or None, got {type(config).__name__}"
+        )
     return config
 
 
@@ -477,7 +495,8 @@ def patch_qwen25vl(
 
     Args:
         model: ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2_5_VLModel`` or ``Qwen2_5_VLTextModel``.
-        config: ``PSAConfig`` or preset name (default: the ``"paper"`` preset).
+        config: ``PSAConfig``, preset name, or path of a JSON config (``PSAConfig.load``; default: the
+            ``"paper"`` preset). Its ``layer_overrides`` apply per decoder layer (``config.for_layer(i)``).
         layers: Decoder layer indices that use PSA (default: all); the others stay dense.
         backend: ``"auto"`` (Triton on CUDA, the PyTorch reference on the CPU), ``"triton"`` or ``"reference"``.
 
@@ -486,7 +505,7 @@ def patch_qwen25vl(
 
     Raises:
         TypeError: ``model`` is not a Qwen2.5-VL model, or ``config`` has the wrong type.
-        ValueError: Bad ``layers`` / ``backend``.
+        ValueError: Bad ``layers`` / ``backend``, or ``layer_overrides`` naming a layer the model lacks.
         NotImplementedError: The text attention is neither ``sdpa`` nor ``eager`` (e.g. flash_attention_2).
         RuntimeError: Unsupported transformers version.
 
@@ -501,6 +520,12 @@ def patch_qwen25vl(
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     modules = _attention_modules(text_model)
     layer_set = _coerce_layers(layers, len(modules))
+    beyond = [i for i in cfg.overridden_layers() if i >= len(modules)]
+    if beyond:
+        raise ValueError(
+            f"config.layer_overrides names layer(s) {beyond} but the model has {len(modules)} decoder layers "
+            f"(indices 0..{len(modules) - 1})"
+        )
     if not _is_registered():
         register_attention()
 
