@@ -19,6 +19,7 @@ from .qwen2_5_vl import (
     MIN_TRANSFORMERS,
     PSA_ATTENTION_NAME,
     is_patched,
+    observe,
     patch_qwen25vl,
     psa_stats,
     register_attention,
@@ -31,6 +32,7 @@ __all__ = [
     "psa_stats",
     "register_attention",
     "is_patched",
+    "observe",
     "PSA_ATTENTION_NAME",
     "MIN_TRANSFORMERS",
 ]

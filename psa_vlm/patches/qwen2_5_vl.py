@@ -26,12 +26,13 @@ Two names are registered: ``"psa"`` (dense fallback ``sdpa``, sdpa masks) and ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -46,6 +47,7 @@ __all__ = [
     "unpatch_qwen25vl",
     "is_patched",
     "psa_stats",
+    "observe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,6 +175,7 @@ class _PatchState:
     dense_reason: Optional[str] = None  # set when this forward cannot use PSA (e.g. a static cache)
     warned: set = field(default_factory=set, repr=False)
     layer_configs: Dict[Any, PSAConfig] = field(default_factory=dict, repr=False)
+    observers: List[Callable] = field(default_factory=list, repr=False)  # see ``observe``
 
     def enabled(self, layer_idx: Optional[int]) -> bool:
         return self.layers is None or layer_idx in self.layers
@@ -337,6 +340,19 @@ def _make_attention_forward(original: str) -> Callable:
             out.copy_(o.transpose(1, 2))
         lm = plan.level_map
         module._psa_last = _LayerRecord(lm.density_tensor(), lm.histogram_tensor(), B, lq, lk)
+        if state is not None and state.observers:
+            dense_cache: List[torch.Tensor] = []
+
+            def dense_out() -> torch.Tensor:
+                if not dense_cache:
+                    o_dense, _ = _fallback_function(module, original)(
+                        module, query, key, value, attention_mask, *args, **kwargs
+                    )
+                    dense_cache.append(o_dense)
+                return dense_cache[0]
+
+            for fn in list(state.observers):
+                fn(layer_idx, out, dense_out, plan)
         return out, None
 
     psa_attention_forward.__qualname__ = f"psa_attention_forward[{original}]"
@@ -610,6 +626,30 @@ def unpatch_qwen25vl(model: Any) -> Any:
     text_model.__dict__.pop("_psa_state", None)
     logger.info("PSA removed from %s: text attention %r -> %r", type(model).__name__, current, original)
     return model
+
+
+@contextlib.contextmanager
+def observe(model: Any, fn: Callable) -> Iterator[None]:
+    """Call ``fn`` after every PSA layer run of ``model`` inside the ``with`` block (no effect on outputs).
+
+    ``fn(layer_idx, psa_out, dense_out, plan)`` gets the decoder layer index, PSA's output ``[B, Lq, Hq, D]``
+    (as the layer returns it), ``dense_out()`` which computes the original attention function (``sdpa`` or
+    ``eager``) on the same query/key/value/mask and returns ``[B, Lq, Hq, D]`` (computed once, on first call),
+    and the layer's ``PSAPlan``. Layers that run dense (short inputs, decode steps, fallbacks) are not
+    reported. Used to measure PSA's per-layer error on a model's own activations without a second model.
+
+    Raises:
+        ValueError: ``model`` is not patched (``patch_qwen25vl`` first).
+    """
+    text_model, _, _ = _resolve(model)
+    state: Optional[_PatchState] = getattr(text_model, "_psa_state", None)
+    if state is None:
+        raise ValueError("observe needs a model patched with patch_qwen25vl; patch it first")
+    state.observers.append(fn)
+    try:
+        yield
+    finally:
+        state.observers.remove(fn)
 
 
 def is_patched(model: Any) -> bool:
