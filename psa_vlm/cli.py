@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "bench-attention": ("psa_vlm.bench.attention", "attention-layer benchmark: PSA stages vs dense SDPA (GPU)"),
     "bench-prefill": ("psa_vlm.bench.prefill", "time to first token of a 7B-shaped model, PSA vs dense (GPU)"),
     "eval-sweep": ("psa_vlm.eval.sweep", "lmms-eval accuracy against sparsity across presets"),
+    "eval-fidelity": ("psa_vlm.eval.fidelity", "KL, answer agreement and per-layer attention error against dense"),
+    "calibrate": ("psa_vlm.eval.calibrate", "choose per-layer PSA settings under an error target; write a JSON config"),
     "build-tiny": ("psa_vlm.models.tiny", "build the tiny offline Qwen2.5-VL checkpoint into a directory"),
 }
 
