@@ -14,6 +14,8 @@ PSA options in ``--model_args`` (lists use ``/`` because ``,`` separates argumen
     min_seq_len=4096  block_size=128  block_q=..  block_k=..  stride=8  text_tail=512
     sim_thresholds=0.75/0.7/0.7 | none      pool_factors=2/4/8 | none
     backend=auto | triton | reference       psa_layers=0/1/2 (default: all layers)
+    psa_config=path.json    a JSON config (PSAConfig.save, psa-vlm calibrate; per-layer overrides included)
+                            used instead of a preset; the other PSA options above then override its fields
 
 Besides lmms-eval's ``qwen2_5_vl`` arguments it accepts ``dtype=float32`` (or ``float16``): lmms-eval loads the
 weights in bf16, which is very slow on CPUs; the cast happens after loading (default: keep bf16).
@@ -108,8 +110,9 @@ class _PSAMixin:
         self._psa_timer = PrefillTimer(self.model).attach()
         self.set_psa(**options)
 
-    def set_psa(self, preset: str = "paper", **options: Any) -> PSAConfig:
-        """(Re)configure PSA in place: ``preset`` plus the ``--model_args`` overrides (see module docstring).
+    def set_psa(self, preset: Optional[str] = None, psa_config: Optional[str] = None, **options: Any) -> PSAConfig:
+        """(Re)configure PSA in place: ``preset`` (default ``paper``) or a JSON config ``psa_config``, plus the
+        ``--model_args`` overrides (see module docstring).
 
         ``preset="dense"`` (with no overrides) removes the patch: unpatched lmms-eval ``qwen2_5_vl``.
 
@@ -126,11 +129,20 @@ class _PSAMixin:
         unknown = set(options) - set(PSA_MODEL_ARGS)
         if unknown:
             raise ValueError(f"unknown PSA options {sorted(unknown)}; known: {', '.join(PSA_MODEL_ARGS)}")
-        config = psa_config_from_options(preset, **options)
+        if psa_config is not None:
+            if preset is not None:
+                raise ValueError(f"give preset or psa_config, not both (got preset={preset!r}, psa_config={psa_config!r})")
+            from pathlib import Path
+
+            config = psa_config_from_options(base=PSAConfig.load(psa_config), **options)
+            preset = Path(str(psa_config)).stem
+        else:
+            preset = "paper" if preset is None else preset
+            config = psa_config_from_options(preset, **options)
         self.psa_preset = str(preset)
         self.psa_config = config
         self.psa_backend = backend
-        if preset == "dense":
+        if preset == "dense" and psa_config is None:
             unpatch_qwen25vl(self.model)
             logger.info("qwen2_5_vl_psa: preset dense -> unpatched dense attention (the control)")
         else:
@@ -204,7 +216,13 @@ def _init(self: Any, base: type, pretrained: str, attn_implementation: Optional[
     probe = dict(psa_options)
     probe.pop("backend", None)
     _parse_layers(probe.pop("psa_layers", None))
-    psa_config_from_options(str(probe.pop("preset", "paper")), **probe)
+    json_path = probe.pop("psa_config", None)
+    if json_path is not None:
+        if "preset" in probe:
+            raise ValueError(f"give preset or psa_config, not both (got preset={probe['preset']!r})")
+        psa_config_from_options(base=PSAConfig.load(json_path), **probe)
+    else:
+        psa_config_from_options(str(probe.pop("preset", "paper")), **probe)
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(
             f"qwen2_5_vl_psa loads the checkpoint with dense 'sdpa' or 'eager' attention and then patches PSA in; "
