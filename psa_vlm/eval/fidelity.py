@@ -772,7 +772,8 @@ class Session:
                 f"{self.runner.min_pixels}-{self.runner.max_pixels} per frame; named presets with block "
                 f"{self.block_size or 'preset'} and min_seq_len {self.min_seq_len or 'preset'}; greedy answers of "
                 f"<= {self.runner.max_new_tokens} tokens; torch {env['torch']}, transformers {env['transformers']}, "
-                f"commit {env['commit']}.")
+                f"commit {env['commit']}. Prefill times include one extra dense attention per layer (the error "
+                f"measurement){' and the PyTorch reference kernels: not a speed measurement' if self.device.type == 'cpu' else ''}.")
 
 
 def _signature(session: Session, name: str, config: Optional[PSAConfig]) -> Dict[str, Any]:

@@ -178,7 +178,7 @@ def test_calibrate_writes_a_config_that_meets_its_target(runner, clips, tmp_path
     prompts = load_prompts(videos=clips, limit=2)
     base = _cfg("paper")
     target = 0.5
-    res = calibrate(runner, prompts, base, ["quota-0.1", "quota-0.3", "paper"], max_attn_err=target)
+    res = calibrate(runner, prompts, base, ["quota-0.1", "quota-0.3"], max_attn_err=target)
     path = tmp_path / "cal.json"
     res.config.save(path)
     cfg = PSAConfig.load(path)
@@ -211,8 +211,8 @@ def test_calibrate_cli_kl_target(clips, tmp_path):
     from psa_vlm.cli import main
 
     out = tmp_path / "kl.json"
-    assert main(["calibrate", "--videos", str(clips), "--limit", "1", "--max-kl", "0.05", "--candidates",
-                 "quota-0.1,quota-0.3", "--backend", "reference", "--out", str(out), *SMALL]) == 0
+    assert main(["calibrate", "--videos", str(clips), "--limit", "1", "--offset", "2", "--max-kl", "0.05",
+                 "--candidates", "quota-0.2", "--backend", "reference", "--out", str(out), *SMALL]) == 0
     cfg = PSAConfig.load(out)
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert max(report["kl"]) <= 0.05 and len(report["choices"]) == 4

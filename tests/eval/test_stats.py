@@ -72,3 +72,18 @@ def test_paired_bootstrap_uses_the_pairs():
     base = rng.normal(size=60) * 10  # large between-item spread, small constant paired shift
     d, lo, hi = paired_bootstrap_ci(base + 0.5 + 0.01 * rng.normal(size=60), base)
     assert d == pytest.approx(0.5, abs=0.01) and lo > 0.45 and hi < 0.55
+
+
+def test_sweep_accuracy_interval_from_scores_and_from_old_rows():
+    from psa_vlm.eval.sweep import accuracy_interval
+
+    scores = [1.0] * 50 + [0.0] * 14
+    row = {"accuracy": 50 / 64, "samples": 64, "per_sample": [{"score": s} for s in scores]}
+    assert accuracy_interval(row) == pytest.approx(wilson_interval(50, 64))
+    old = {"accuracy": 50 / 64, "samples": 64, "per_sample": [{"target": "A"}] * 64}  # saved before scores
+    assert accuracy_interval(old) == pytest.approx(wilson_interval(50, 64))
+    graded = {"accuracy": 0.55, "samples": 4, "per_sample": [{"score": s} for s in (0.2, 0.5, 0.7, 0.8)]}
+    lo, hi = accuracy_interval(graded)
+    assert 0.2 <= lo < 0.55 < hi <= 0.8
+    assert accuracy_interval({"accuracy": 0.3333, "samples": 64}) == (None, None)  # not k / 64
+    assert accuracy_interval({"accuracy": None, "samples": 0}) == (None, None)
