@@ -1,7 +1,7 @@
-"""psa_vlm: Pyramid Sparse Attention for fast long-video prefill in Qwen2.5-VL.
+"""psa_vlm: Pyramid Sparse Attention for fast long-video prefill in Qwen VL models.
 
 Importing this package imports torch only: no transformers, no Triton compilation, no GPU work.
-The model patch (``patch_qwen25vl`` and friends) is loaded on first use.
+The model patch (``patch``, ``unpatch``, ``patch_qwen25vl`` and friends) is loaded on first use.
 """
 
 from __future__ import annotations
@@ -13,7 +13,20 @@ from .config import PRESETS, PSAConfig
 
 __version__ = "0.1.0"
 
-_PATCH_API = ("patch_qwen25vl", "unpatch_qwen25vl", "psa_stats", "register_attention", "is_patched")
+_PATCH_API = (
+    "patch",
+    "unpatch",
+    "patch_qwen2vl",
+    "unpatch_qwen2vl",
+    "patch_qwen25vl",
+    "unpatch_qwen25vl",
+    "patch_qwen3vl",
+    "unpatch_qwen3vl",
+    "psa_stats",
+    "observe",
+    "register_attention",
+    "is_patched",
+)
 
 __all__ = [
     "PSAConfig",

@@ -24,7 +24,7 @@ from .config import PSAConfig
 from .kernels.assign.naive import KV_FORCE_FULL, KV_NEEDS_FULL, KV_SKIP
 from .kernels.geometry import FACTOR_ORDER, block_masks, cdiv
 
-__all__ = ["LevelMap", "PSAPlan", "psa_attention", "build_level_map", "run_psa"]
+__all__ = ["LevelMap", "PSAPlan", "psa_attention", "build_level_map", "run_psa", "check_config_for_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,53 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             "TRITON_INTERPRET=1 before importing psa_vlm to run the kernels under the Triton interpreter"
         )
     return backend
+
+
+def check_config_for_backend(
+    config: PSAConfig,
+    backend: str = "auto",
+    *,
+    device: Union[torch.device, str, None] = None,
+    head_dim: Optional[int] = None,
+) -> str:
+    """Check that ``backend`` can run ``config`` (and ``head_dim``) on ``device``; return the backend that will.
+
+    Meant for the place where a user sets these (patch time, CLI parse time), so that a bad combination fails
+    with one clear line instead of deep inside a kernel launch.
+
+    Args:
+        config: The ``PSAConfig`` to run.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        device: Where the attention inputs will live (``None``: the CPU).
+        head_dim: The model's attention head dimension ``D``, if known.
+
+    Returns:
+        The resolved backend name, ``"triton"`` or ``"reference"`` (``"auto"``: Triton on CUDA).
+
+    Raises:
+        TypeError: ``config`` is not a ``PSAConfig``.
+        ValueError: Unknown backend, Triton on a CPU device without the interpreter, block sizes the Triton
+            kernels cannot tile (powers of two >= 16), or a head_dim outside 1..256 for Triton.
+    """
+    if not isinstance(config, PSAConfig):
+        raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    dev = torch.device("cpu" if device is None else device)
+    resolved = _resolve_backend(backend, dev)
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    if resolved == "triton":
+        for name in ("block_q", "block_k"):
+            b = getattr(config, name)
+            if b < 16 or b & (b - 1):
+                raise ValueError(
+                    f"PSAConfig.{name}={b}: the Triton kernels need a power of two >= 16 (e.g. 64 or 128); "
+                    "change the block size or use backend='reference'"
+                )
+        if head_dim is not None and head_dim > 256:
+            raise ValueError(f"head_dim {head_dim} is not supported by the Triton kernels (1..256); use backend='reference'")
+    return resolved
 
 
 def _ops(backend: str):

@@ -20,7 +20,7 @@ av = pytest.importorskip("av")
 
 import psa_vlm  # noqa: E402
 from psa_vlm import PSAConfig  # noqa: E402
-from psa_vlm.patches import qwen2_5_vl as qpatch  # noqa: E402
+from psa_vlm.patches import core as qpatch  # noqa: E402
 
 SMALL = {"min_seq_len": 0, "block_q": 16, "block_k": 16, "stride": 4}
 DENSE = PSAConfig.preset("dense", **SMALL)
@@ -134,6 +134,20 @@ def reference(model, inputs):
     return logits, tokens
 
 
+def _visual_spans(model, ids):
+    """Expected token types: 1 from each <|vision_start|> to its <|vision_end|> (both included), 0 elsewhere."""
+    out = torch.zeros_like(ids, dtype=torch.int8)
+    for b in range(ids.shape[0]):
+        inside = False
+        for i, t in enumerate(ids[b].tolist()):
+            if t == model.config.vision_start_token_id:
+                inside = True
+            out[b, i] = int(inside)
+            if t == model.config.vision_end_token_id:
+                inside = False
+    return out
+
+
 def _logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
@@ -196,8 +210,7 @@ def test_paper_preset_is_sparse_and_finite(model, inputs, reference, monkeypatch
     L = inputs["input_ids"].shape[1]
     q_shape, k_shape, kw = calls[0]
     assert q_shape == (1, cfg.num_attention_heads, L, 16) and k_shape == (1, cfg.num_key_value_heads, L, 16)
-    expected = (inputs["input_ids"] == model.config.video_token_id).to(torch.int8)
-    assert torch.equal(kw["token_types"], expected)
+    assert torch.equal(kw["token_types"], _visual_spans(model, inputs["input_ids"]))
     assert kw["backend"] == "auto" and kw["scale"] == pytest.approx(16 ** -0.5)
     # decode steps after a PSA prefill run dense and keep the prefill's statistics
     with torch.no_grad():
@@ -264,8 +277,7 @@ def test_second_turn_on_cache(model, processor, inputs):
     # token types accumulate across the turns: the cached video stays visual, the new text is text
     state = model.model.language_model._psa_state
     assert state.token_types.shape == (1, past + n_new)
-    expected = (inputs["input_ids"] == model.config.video_token_id).to(torch.int8)
-    assert torch.equal(state.token_types[:, :past], expected)
+    assert torch.equal(state.token_types[:, :past], _visual_spans(model, inputs["input_ids"]))
     assert int(state.token_types[:, past:].sum()) == 0
 
 
@@ -277,7 +289,7 @@ def test_unpatch_restores_identical_outputs(model, inputs, reference):
     assert not psa_vlm.is_patched(model)
     assert model.config.text_config._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
-    assert len(model.model._forward_pre_hooks) == 0
+    assert len(model.model._forward_pre_hooks) == len(model.model.language_model._forward_pre_hooks) == 0
     assert "psa" not in repr(model)
     assert torch.equal(_logits(model, inputs), reference[0])
     psa_vlm.unpatch_qwen25vl(model)  # unpatching an unpatched model is a no-op
@@ -372,7 +384,7 @@ def test_print_shows_psa(model):
 def test_vision_attention_untouched(model, inputs, reference, monkeypatch):
     """Only the language model reaches the PSA function; the vision tower keeps sdpa."""
     callers = set()
-    fn = qpatch._make_attention_forward("sdpa")
+    fn = qpatch.PSAAttentionFunction("sdpa")
 
     def recording(module, *a, **kw):
         callers.add(type(module).__name__)
@@ -437,10 +449,11 @@ def test_eager_model(tiny_checkpoint, inputs):
 
 def test_non_causal_attention_never_uses_psa(model, monkeypatch):
     """Loaded with "psa" for every sub-config, the vision tower's (non-causal) attention still runs sdpa."""
-    monkeypatch.setattr(qpatch, "_DEFAULT_CONFIG", DENSE)  # would take PSA for any length if it were causal
     monkeypatch.setattr(qpatch, "run_psa", lambda *a, **kw: pytest.fail("PSA ran on non-causal attention"))
     attn = model.model.visual.blocks[0].attn
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
-    out, _ = qpatch._make_attention_forward("sdpa")(attn, q, k, v, None, scaling=0.25, is_causal=False)
+    psa_vlm.patch_qwen25vl(model, DENSE)  # a state that would take PSA for any length if the call were causal
+    monkeypatch.setattr(attn, "_psa_state", model.model.language_model._psa_state, raising=False)
+    out, _ = qpatch.PSAAttentionFunction("sdpa")(attn, q, k, v, None, scaling=0.25, is_causal=False)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25).transpose(1, 2)
     torch.testing.assert_close(out, ref)
