@@ -631,6 +631,7 @@ def write_figure(summary: List[Dict[str, Any]], path: Path, title: str) -> Path:
     axes[0].set_ylabel("KL(dense || PSA) at the answer position (nats)")
     axes[1].set_ylabel(f"{key} (95% Wilson interval)")
     for ax in axes:
+        ax.set_xlim(0.0, 1.05)
         ax.set_xlabel("FLOP-equivalent density (mean over layers and prompts)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
