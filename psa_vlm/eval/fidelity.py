@@ -542,13 +542,14 @@ def write_markdown(path: Path, summary: List[Dict[str, Any]], layers: List[Dict[
                    pairs: List[Dict[str, Any]], conditions: str) -> None:
     """``fidelity.md``: settings, per-layer and paired tables with 95% intervals."""
     lines = ["# PSA fidelity against dense attention", "", conditions, "",
-             "| setting | family | n | density | KL(dense‖PSA) [95% CI] | agreement [95% CI] | accuracy [95% CI] | "
-             "attn. error | prefill s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | family | n | density | KL(dense‖PSA) mean [95% CI] | KL median | agreement [95% CI] | "
+             "accuracy [95% CI] | attn. error | prefill s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         err = "" if r["attn_err"] is None else f"{r['attn_err']:.3f}"
         prefill = "" if r["prefill_s"] is None else f"{r['prefill_s']:.3f}"
         lines.append(
             f"| {r['setting']} | {r['family']} | {r['n']} | {r['density']:.3f} | {_ci(r['kl'], r['kl_lo'], r['kl_hi'])} | "
+            f"{r['kl_median']:.3g} | "
             f"{_ci(r['agreement'], r['agreement_lo'], r['agreement_hi'])} | "
             f"{_ci(r['accuracy'], r['accuracy_lo'], r['accuracy_hi'])} | {err} | {prefill} |")
     lines += ["", "Per layer: relative error of the attention output against dense attention on the same inputs "
