@@ -27,6 +27,8 @@ SUBCOMMANDS = {
     "bench-attention": ("psa_vlm.bench.attention", "attention-layer benchmark: PSA stages vs dense SDPA (GPU)"),
     "bench-prefill": ("psa_vlm.bench.prefill", "time to first token of a 7B/8B-shaped Qwen VL, PSA vs dense (GPU)"),
     "eval-sweep": ("psa_vlm.eval.sweep", "lmms-eval accuracy against sparsity across presets"),
+    "eval-fidelity": ("psa_vlm.eval.fidelity", "KL, answer agreement and per-layer attention error against dense"),
+    "calibrate": ("psa_vlm.eval.calibrate", "choose per-layer PSA settings under an error target; write a JSON config"),
     "build-tiny": ("psa_vlm.models.tiny", "build a tiny offline checkpoint of a Qwen VL family (--family)"),
 }
 

@@ -12,10 +12,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
+import os
+import re
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 __all__ = ["PSAConfig", "PRESETS", "ALL_FACTORS"]
 
@@ -91,11 +94,17 @@ class PSAConfig:
         sink_blocks: Number of leading KV blocks always kept at full resolution (attention sink).
         dense: If true every causally visible block is full resolution (the ``"dense"`` preset): exact
             causal attention with no estimation.
-
         dense_guard: On the GPU backends, run dense attention instead of the sparse stage when the level map's
             predicted cost (``psa_vlm.cost``) is not below the fastest dense attention's (one host read of the
             level histogram per call; recorded in the plan and in ``psa_stats``). Not applied with a given
             level map, a key padding mask, or ``Lq < Lk`` on the Triton backend.
+        layer_overrides: Per-layer changes, ``{layer_idx: {field: value}}`` (any field but this one), or
+            ``None``. Layer ``i`` runs ``for_layer(i)``: this config with layer ``i``'s changes applied; layers
+            not named run this config as is. Stored normalised as a sorted tuple of
+            ``(layer_idx, ((field, value), ...))`` so that the config stays hashable; ``save``/``load`` write
+            and read it as a JSON object keyed by layer index. Example: ``{0: {"dense": True}}`` keeps the
+            first decoder layer exact (the patch runs it through the dense path: every visible block at full
+            resolution).
 
     Numbers are accepted as numbers: Python, NumPy scalars and 0-d tensors, stored as ``int`` / ``float``.
     ``bool`` is not a number here (``PSAConfig(block_q=True)`` raises ``TypeError``).
@@ -119,9 +128,11 @@ class PSAConfig:
     sink_blocks: int = 1
     dense: bool = False
     dense_guard: bool = True
+    layer_overrides: Optional[Tuple[Tuple[int, Tuple[Tuple[str, Any], ...]], ...]] = None
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
+        self._normalize_layer_overrides()
         # Normalise numbers and sequences first, so that configs built from lists (CLI, YAML), NumPy scalars or
         # 0-d tensors hash, compare and reach the kernels as plain Python ints and floats.
         for name in _INT_FIELDS:
@@ -141,6 +152,7 @@ class PSAConfig:
         object.__setattr__(self, "dense", _as_bool(self.dense, "PSAConfig.dense"))
         object.__setattr__(self, "dense_guard", _as_bool(self.dense_guard, "PSAConfig.dense_guard"))
         self._validate()
+        self._validate_layer_overrides()
 
     def _validate(self) -> None:
         def check_int(name: str, minimum: int) -> None:
@@ -208,6 +220,142 @@ class PSAConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    # ------------------------------------------------------------------ per-layer configuration
+    def _normalize_layer_overrides(self) -> None:
+        """``{layer: {field: value}}`` (or its tuple form) -> sorted ``((layer, ((field, value), ...)), ...)``."""
+        raw = self.layer_overrides
+        if raw is None:
+            return
+        if isinstance(raw, Mapping):
+            items = list(raw.items())
+        else:
+            try:
+                items = [tuple(x) for x in raw]
+            except TypeError:
+                raise ValueError(
+                    f"PSAConfig.layer_overrides must map layer indices to {{field: value}} dicts, got {raw!r}"
+                ) from None
+        out: Dict[int, Tuple[Tuple[str, Any], ...]] = {}
+        for item in items:
+            if len(item) != 2:
+                raise ValueError(f"PSAConfig.layer_overrides entries must be (layer, overrides), got {item!r}")
+            key, changes = item
+            layer = key
+            if isinstance(key, str) and key.strip().isdigit():  # JSON object keys are strings
+                layer = int(key)
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"PSAConfig.layer_overrides keys must be layer indices >= 0, got {key!r}")
+            if layer in out:
+                raise ValueError(f"PSAConfig.layer_overrides names layer {layer} twice")
+            pairs = list(changes.items()) if isinstance(changes, Mapping) else [tuple(x) for x in changes]
+            fields = {}
+            for name, value in pairs:
+                if name == "layer_overrides" or name not in _FIELD_NAMES:
+                    raise ValueError(
+                        f"PSAConfig.layer_overrides[{layer}] has unknown field {name!r}; per-layer fields are "
+                        f"{', '.join(n for n in _FIELD_NAMES if n != 'layer_overrides')}"
+                    )
+                if isinstance(value, list):  # JSON arrays -> tuples (hashable, as the fields store them)
+                    value = tuple(value)
+                fields[name] = value
+            out[layer] = tuple(sorted(fields.items()))
+        object.__setattr__(self, "layer_overrides", tuple(sorted(out.items())) or None)
+
+    def _validate_layer_overrides(self) -> None:
+        for layer, _ in self.layer_overrides or ():
+            try:
+                self.for_layer(layer)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"PSAConfig.layer_overrides[{layer}]: {exc}") from None
+
+    def overridden_layers(self) -> Tuple[int, ...]:
+        """Layer indices that ``layer_overrides`` names, ascending."""
+        return tuple(layer for layer, _ in self.layer_overrides or ())
+
+    def for_layer(self, layer_idx: Optional[int]) -> "PSAConfig":
+        """The config decoder layer ``layer_idx`` runs: this one with that layer's overrides, no overrides left.
+
+        Args:
+            layer_idx: Decoder layer index (``None``: a layer without an index, which gets no overrides).
+
+        Returns:
+            A ``PSAConfig`` with ``layer_overrides=None`` (``self`` when there is nothing to strip).
+
+        Raises:
+            ValueError: The overrides make an invalid config (the message names the field).
+        """
+        if not self.layer_overrides:
+            return self
+        changes = dict(self.layer_overrides).get(layer_idx, ())
+        return dataclasses.replace(self, layer_overrides=None, **dict(changes))
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict of every field (tuples as lists, ``layer_overrides`` keyed by layer index)."""
+        out: Dict[str, Any] = {}
+        for name in _FIELD_NAMES:
+            val = getattr(self, name)
+            if name == "layer_overrides":
+                val = None if val is None else {
+                    str(layer): {k: list(v) if isinstance(v, tuple) else v for k, v in changes}
+                    for layer, changes in val
+                }
+            elif isinstance(val, tuple):
+                val = list(val)
+            out[name] = val
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PSAConfig":
+        """Inverse of ``to_dict``. Missing fields keep their defaults, or those of ``data["preset"]`` if given.
+
+        Args:
+            data: ``{field: value}``, optionally ``"preset": name`` (the base whose fields the others override)
+                and ``"format"`` (ignored). JSON lists become tuples.
+
+        Raises:
+            ValueError: Unknown keys, an unknown preset or invalid values (the message names them).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a PSAConfig dict must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        data.pop("format", None)
+        preset = data.pop("preset", None)
+        unknown = sorted(set(data) - set(_FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown PSAConfig field(s) {', '.join(map(repr, unknown))}; known: {', '.join(_FIELD_NAMES)}")
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if preset is not None:
+            return cls.preset(str(preset), **fields)
+        return cls(**fields)
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write the config as JSON (``to_dict`` plus ``"format": 1``); ``PSAConfig.load`` reads it back."""
+        text = json.dumps({"format": CONFIG_FORMAT, **self.to_dict()}, indent=1)
+        # number lists on one line: [0.7, 0.8, 0.9, 0.9]
+        text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+        with open(path, "w") as fh:
+            fh.write(text + "\n")
+
+    @classmethod
+    def load(cls, path: Union[str, "os.PathLike[str]"]) -> "PSAConfig":
+        """Read a JSON config written by ``save`` (or by hand: any subset of fields, optionally ``"preset"``).
+
+        Raises:
+            FileNotFoundError: No such file.
+            ValueError: Not JSON, or not a valid config (the message names the file and the problem).
+        """
+        with open(path) as fh:
+            text = fh.read()
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)!r} is not a JSON PSA config: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{os.fspath(path)!r}: {exc}") from None
+
     def target_density(self) -> Optional[float]:
         """FLOP-equivalent density the quotas aim at (quota mode), ``1.0`` for dense, else ``None``."""
         if self.dense:
@@ -233,6 +381,13 @@ class PSAConfig:
             raise ValueError(f"unknown PSA preset {name!r}; choose one of {', '.join(PRESETS)}")
         base = PRESETS[name]
         return base.replace(**overrides) if overrides else base
+
+
+#: Field names of ``PSAConfig`` in declaration order.
+_FIELD_NAMES: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PSAConfig))
+
+#: Version of the JSON layout written by ``PSAConfig.save``.
+CONFIG_FORMAT = 1
 
 
 def _build_presets() -> dict:

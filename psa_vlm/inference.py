@@ -176,6 +176,7 @@ def _as_int(value: Any, name: str, minimum: int = 0) -> int:
 def psa_config_from_options(
     preset: str = "paper",
     *,
+    base: Optional[PSAConfig] = None,
     thresholds: Any = None,
     quotas: Any = None,
     block_size: Any = None,
@@ -191,6 +192,8 @@ def psa_config_from_options(
 
     Args:
         preset: Name in ``PRESETS`` (``dense``, ``paper``, ``binary``, ``quota-0.2``, ``binary-0.2``, ...).
+        base: A config to start from instead of the preset (e.g. ``PSAConfig.load(path)``; its per-layer
+            overrides are kept and the options below change the base fields).
         thresholds: ``tau`` for factors (1, 2, 4, 8), e.g. ``"0.7/0.8/0.9/0.9"`` (selects threshold mode).
         quotas: Fractions for factors (1, 2, 4, 8), e.g. ``"0.1/0.1/0.1/0.2"`` (selects quota mode).
         block_size: Sets both ``block_q`` and ``block_k``.
@@ -209,7 +212,7 @@ def psa_config_from_options(
     Raises:
         ValueError: Unknown preset or an invalid value (the message names it).
     """
-    if preset not in PRESETS:
+    if base is None and preset not in PRESETS:
         raise ValueError(f"unknown PSA preset {preset!r}; choose one of {', '.join(PRESETS)}")
     changes: Dict[str, Any] = {}
     if thresholds is not None:
@@ -243,6 +246,8 @@ def psa_config_from_options(
                 pf = tuple(text.replace(",", "/").split("/")) if text is not None else tuple(pool_factors)
             changes["pool_factors"] = tuple(_as_int(p, "pool_factors", 2) for p in pf if str(p).strip())
     try:
+        if base is not None:
+            return base.replace(**changes) if changes else base
         return PSAConfig.preset(preset, **changes)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None

@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention the model is loaded with, which PSA falls back to for decode and short "
                              "inputs: sdpa (default), eager, flash_attention_2, flash_attention_3, ...")
     parser.add_argument("--preset", default="paper", help=f"PSA preset: {', '.join(PRESETS)} (default paper)")
+    parser.add_argument("--psa-config", default=None,
+                        help="JSON PSA config (PSAConfig.save, psa-vlm calibrate; per-layer overrides included) used "
+                             "instead of --preset; --block-size / --min-seq-len still override its base fields")
     parser.add_argument("--max-frames", type=positive_int, default=None,
                         help=f"frames to sample (default {DEFAULT_MAX_FRAMES}; the cap with --fps, default 768)")
     parser.add_argument("--fps", type=positive_float, default=None, help="sample this many frames per second instead")
@@ -185,6 +188,12 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _psa_config(args: argparse.Namespace, tiny: bool) -> Tuple[PSAConfig, Optional[str]]:
     """The PSA config and, for the tiny demo, a note on what was lowered."""
+    if getattr(args, "psa_config", None) is not None:  # a saved config is used as written, bar explicit options
+        try:
+            base = PSAConfig.load(args.psa_config)
+            return psa_config_from_options(base=base, block_size=args.block_size, min_seq_len=args.min_seq_len), None
+        except (OSError, ValueError) as exc:
+            raise _cli_error(str(exc)) from None
     block = args.block_size
     min_seq = args.min_seq_len
     text_tail = None
@@ -211,7 +220,10 @@ def _psa_config(args: argparse.Namespace, tiny: bool) -> Tuple[PSAConfig, Option
 def _patch(model: Any, config: PSAConfig, backend: str) -> None:
     from .patches import patch
 
-    patch(model, config, backend=backend)
+    try:
+        patch(model, config, backend=backend)
+    except ValueError as exc:  # e.g. a JSON config naming layers the model lacks
+        raise _cli_error(str(exc)) from None
 
 
 def _unpatch(model: Any) -> None:
@@ -359,8 +371,10 @@ def main(args: argparse.Namespace) -> int:
         out(f"{'':<{w}}  {sampled} frames sampled -> grid {t_}x{h_}x{w_} (T x H x W patches), {n_video} video tokens, "
             f"{spg_v:g} s per temporal patch")
     out(f"{'question':<{w}}: " + prompt.replace("\n", "\n" + " " * (w + 2)))
-    out(f"{'PSA':<{w}}: preset {args.preset}, blocks {cfg.block_q}x{cfg.block_k}, min_seq_len {cfg.min_seq_len}, "
-        f"backend {args.backend}")
+    source = f"config {args.psa_config}" if getattr(args, "psa_config", None) else f"preset {args.preset}"
+    layers_note = f", per-layer overrides on layers {list(cfg.overridden_layers())}" if cfg.layer_overrides else ""
+    out(f"{'PSA':<{w}}: {source}, blocks {cfg.block_q}x{cfg.block_k}, min_seq_len {cfg.min_seq_len}, "
+        f"backend {args.backend}{layers_note}")
     if note:
         out(f"{'':<{w}}  ({note})")
     out(f"{'answer':<{w}}: {psa_text!r}")

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 
@@ -76,3 +77,61 @@ def test_wrong_types_name_the_field(kwargs, field):
     # bools are not numbers and strings are not bools (issue #11 item 8)
     with pytest.raises(TypeError, match=f"PSAConfig.{field}"):
         PSAConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- per-layer configs
+def test_layer_overrides_apply_per_layer_and_round_trip_json(tmp_path):
+    c = PSAConfig.preset(
+        "quota-0.2", block_q=64, block_k=64,
+        layer_overrides={0: {"dense": True}, "3": {"quotas": [0.15, 0.15, 0.15, 0.3]}, 5: {"mode": "threshold"}},
+    )
+    assert c.overridden_layers() == (0, 3, 5)
+    assert c.for_layer(0).dense and c.for_layer(0).layer_overrides is None
+    assert c.for_layer(1) == c.replace(layer_overrides=None)  # a layer not named runs the base as is
+    assert c.for_layer(3).quotas == (0.15, 0.15, 0.15, 0.3) and c.for_layer(3).target_density() == pytest.approx(0.3)
+    assert c.for_layer(5).mode == "threshold" and c.for_layer(5).block_q == 64
+    path = tmp_path / "cfg.json"
+    c.save(path)
+    back = PSAConfig.load(path)
+    assert back == c and hash(back) == hash(c)
+    assert json.loads(path.read_text())["layer_overrides"]["3"] == {"quotas": [0.15, 0.15, 0.15, 0.3]}
+    # every preset survives the round trip
+    for name, preset in PRESETS.items():
+        preset.save(path)
+        assert PSAConfig.load(path) == preset, name
+
+
+def test_hand_written_json_config_starts_from_a_preset(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text('{"preset": "binary-0.2", "block_q": 32, "block_k": 32, "layer_overrides": {"1": {"dense": true}}}')
+    c = PSAConfig.load(path)
+    assert c.pool_factors == () and c.quotas == (0.2, 0.0, 0.0, 0.0) and c.block_q == 32
+    assert c.for_layer(1).dense and not c.for_layer(0).dense
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({0: {"foo": 1}}, "unknown field 'foo'"),
+        ({0: {"layer_overrides": {}}}, "unknown field 'layer_overrides'"),
+        ({-1: {"dense": True}}, "layer indices >= 0"),
+        ({"x": {"dense": True}}, "layer indices >= 0"),
+        ({2: {"block_q": 100}}, r"layer_overrides\[2\].*stride"),
+        ({1: {"mode": "quota"}}, r"layer_overrides\[1\].*quotas"),
+    ],
+)
+def test_bad_layer_overrides_name_the_layer_and_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        PSAConfig(layer_overrides=overrides)
+
+
+def test_bad_json_configs_are_clear(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON PSA config"):
+        PSAConfig.load(bad)
+    bad.write_text('{"blocks": 64}')
+    with pytest.raises(ValueError, match="unknown PSAConfig field"):
+        PSAConfig.load(bad)
+    with pytest.raises(FileNotFoundError):
+        PSAConfig.load(tmp_path / "missing.json")

@@ -45,6 +45,7 @@ PSA_MODEL_ARGS = (
     "sim_thresholds",
     "pool_factors",
     "psa_layers",
+    "psa_config",
 )
 
 

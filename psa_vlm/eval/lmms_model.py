@@ -30,6 +30,8 @@ PSA options in ``--model_args`` (lists use ``/`` because ``,`` separates argumen
     min_seq_len=4096  block_size=128  block_q=..  block_k=..  stride=8  text_tail=512
     sim_thresholds=0.75/0.7/0.7 | none      pool_factors=2/4/8 | none
     backend=auto | fa4 | triton | reference  psa_layers=0/1/2 (default: all layers)
+    psa_config=path.json    a JSON config (PSAConfig.save, psa-vlm calibrate; per-layer overrides included)
+                            used instead of a preset; the other PSA options above then override its fields
 
 The PSA config is checked against the backend that will run it in the constructor, before the model loads
 (``psa_vlm.api.check_config_for_backend``: e.g. ``block_size=24`` on a GPU raises ``ValueError`` there, not
@@ -166,8 +168,9 @@ class _PSAMixin:
         self._psa_length_check = self.model.register_forward_pre_hook(_prompt_length_hook, with_kwargs=True)
         self.set_psa(**options)
 
-    def set_psa(self, preset: str = "paper", **options: Any) -> PSAConfig:
-        """(Re)configure PSA in place: ``preset`` plus the ``--model_args`` overrides (see module docstring).
+    def set_psa(self, preset: Optional[str] = None, psa_config: Optional[str] = None, **options: Any) -> PSAConfig:
+        """(Re)configure PSA in place: ``preset`` (default ``paper``) or a JSON config ``psa_config``, plus the
+        ``--model_args`` overrides (see module docstring).
 
         ``preset="dense"`` (with no overrides) removes the patch: lmms-eval's unpatched model of the family.
 
@@ -184,15 +187,25 @@ class _PSAMixin:
         unknown = set(options) - set(PSA_MODEL_ARGS)
         if unknown:
             raise ValueError(f"unknown PSA options {sorted(unknown)}; known: {', '.join(PSA_MODEL_ARGS)}")
-        config = psa_config_from_options(preset, **options)
-        if preset != "dense":  # the dense control runs unpatched: no PSA kernel to check against
+        if psa_config is not None:
+            if preset is not None:
+                raise ValueError(f"give preset or psa_config, not both (got preset={preset!r}, psa_config={psa_config!r})")
+            from pathlib import Path
+
+            config = psa_config_from_options(base=PSAConfig.load(psa_config), **options)
+            preset = Path(str(psa_config)).stem
+        else:
+            preset = "paper" if preset is None else preset
+            config = psa_config_from_options(preset, **options)
+        control = preset == "dense" and psa_config is None  # the dense control runs unpatched
+        if not control:
             text = self.model.config.get_text_config()
             head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
             check_config_for_backend(config, backend, device=self.model.device, head_dim=head_dim)
         self.psa_preset = str(preset)
         self.psa_config = config
         self.psa_backend = backend
-        if preset == "dense":
+        if control:
             unpatch(self.model)
             logger.info("%s: preset dense -> unpatched dense attention (the control)", self.model_id)
         else:
@@ -311,9 +324,17 @@ def _init(self: Any, base: type, pretrained: str, attn_implementation: Optional[
     probe = dict(psa_options)
     probe.pop("backend", None)
     _parse_layers(probe.pop("psa_layers", None))
-    preset = str(probe.pop("preset", "paper"))
-    config = psa_config_from_options(preset, **probe)
-    if preset != "dense":  # the dense control runs unpatched
+    json_path = probe.pop("psa_config", None)
+    if json_path is not None:
+        if "preset" in probe:
+            raise ValueError(f"give preset or psa_config, not both (got preset={probe['preset']!r})")
+        config = psa_config_from_options(base=PSAConfig.load(json_path), **probe)
+        control = False
+    else:
+        preset = str(probe.pop("preset", "paper"))
+        config = psa_config_from_options(preset, **probe)
+        control = preset == "dense"  # the dense control runs unpatched
+    if not control:
         check_config_for_backend(config, str(psa_options.get("backend", "auto")), device=_device_of(kwargs))
     if attn_implementation is None:
         attn_implementation = "sdpa"

@@ -53,8 +53,8 @@ DEFAULT_PRESETS = "dense,paper,quota-0.2,binary-0.2"
 DEFAULT_TASKS = "psa_synth_short"
 #: Columns of ``sweep.csv`` / ``sweep.md``.
 TABLE_COLUMNS = [
-    "task", "preset", "family", "accuracy", "metric", "sparsity", "density", "prefill_s", "vision_s",
-    "prompt_tokens", "samples", "limit",
+    "task", "preset", "family", "accuracy", "accuracy_lo", "accuracy_hi", "metric", "sparsity", "density",
+    "prefill_s", "vision_s", "prompt_tokens", "samples", "limit",
 ]
 #: lmms-eval model args used with the tiny offline model unless given (small frames and PSA blocks).
 TINY_MODEL_ARGS = {
@@ -106,6 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-iters", type=nonnegative_int, default=0,
                         help="lmms-eval bootstrap iterations for stderr (default 0: none)")
     parser.add_argument("--redo", action="store_true", help="run every (task, preset) again, ignoring saved results")
+    parser.add_argument("--psa-config", type=Path, action="append", default=[],
+                        help="a JSON PSA config (PSAConfig.save, psa-vlm calibrate) to run as one more entry, named by "
+                             "its file stem and used as written (--model-args PSA overrides do not apply to it; "
+                             "repeatable)")
 
 
 def _cli_error(msg: str) -> Exception:
@@ -229,9 +233,34 @@ def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+def accuracy_interval(row: Dict[str, Any], confidence: float = 0.95) -> Tuple[Optional[float], Optional[float]]:
+    """95% interval of a row's accuracy from its per-sample scores.
+
+    Scores that are all 0/1 give the Wilson interval of ``k / n``; other scores a percentile bootstrap interval
+    of their mean. Rows saved before per-sample scores were recorded fall back to ``k = round(accuracy * n)``
+    when the accuracy is a proportion of ``n`` samples (the synthetic and multiple-choice tasks). ``(None, None)``
+    where neither applies.
+    """
+    from .stats import bootstrap_ci, wilson_interval
+
+    acc, n = row.get("accuracy"), int(row.get("samples") or 0)
+    if acc is None or n == 0:
+        return None, None
+    scores = [s.get("score") for s in row.get("per_sample") or []]
+    if scores and all(_numeric(x) for x in scores):
+        if all(float(x) in (0.0, 1.0) for x in scores):
+            return wilson_interval(int(sum(float(x) for x in scores)), len(scores), confidence)
+        return bootstrap_ci([float(x) for x in scores], confidence=confidence)
+    k = acc * n
+    if 0.0 <= acc <= 1.0 and abs(k - round(k)) < 1e-6:
+        return wilson_interval(int(round(k)), n, confidence)
+    return None, None
+
+
 def summarize_run(results: Dict[str, Any], task: str, preset: str, metric: Optional[str] = None) -> Dict[str, Any]:
     """One table row (plus per-sample records) from a ``simple_evaluate`` result of one task and preset."""
     name, acc = _accuracy(results, task, metric)
+    base_metric = None if name is None else name.split(" (", 1)[0]
     samples_out = []
     for sub, samples in (results.get("samples") or {}).items():
         for s in samples:
@@ -246,9 +275,10 @@ def summarize_run(results: Dict[str, Any], task: str, preset: str, metric: Optio
                 "prefill_s": tc.get("prefill_s"),
                 "vision_s": tc.get("vision_s"),
                 "prompt_tokens": tc.get("input_tokens"),
+                "score": s.get(base_metric) if base_metric and _numeric(s.get(base_metric)) else None,
             })
     density = _mean([s["density"] for s in samples_out])
-    return {
+    row = {
         "task": task,
         "preset": preset,
         "family": family_of(preset),
@@ -262,6 +292,8 @@ def summarize_run(results: Dict[str, Any], task: str, preset: str, metric: Optio
         "samples": len(samples_out),
         "per_sample": samples_out,
     }
+    row["accuracy_lo"], row["accuracy_hi"] = accuracy_interval(row)
+    return row
 
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
@@ -308,7 +340,7 @@ def write_figure(rows: List[Dict[str, Any]], path: Path, title: str) -> Path:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     styles = {"pyramid": ("tab:blue", "o", "pyramid (PSA)"), "binary": ("tab:orange", "s", "binary block-sparse"),
-              "dense": ("black", "*", "dense")}
+              "config": ("tab:green", "P", "JSON config"), "dense": ("black", "*", "dense")}
     for ax, task in zip(axes[0], tasks):
         for fam, (color, marker, label) in styles.items():
             pts = sorted(
@@ -319,15 +351,22 @@ def write_figure(rows: List[Dict[str, Any]], path: Path, title: str) -> Path:
             if not pts:
                 continue
             xs, ys, names = zip(*pts)
+            by_name = {r["preset"]: r for r in rows if r["task"] == task}
+            los = [by_name[n].get("accuracy_lo") for n in names]
+            his = [by_name[n].get("accuracy_hi") for n in names]
+            yerr = None
+            if all(v is not None for v in los + his):
+                yerr = [[y - v for y, v in zip(ys, los)], [v - y for y, v in zip(ys, his)]]
             if fam == "dense":
-                ax.scatter(xs, ys, color=color, marker=marker, s=160, zorder=3, label=label)
+                ax.errorbar(xs, ys, yerr=yerr, color=color, marker=marker, markersize=14, linestyle="none",
+                            capsize=4, zorder=3, label=label)
             else:
-                ax.plot(xs, ys, color=color, marker=marker, label=label)
+                ax.errorbar(xs, ys, yerr=yerr, color=color, marker=marker, capsize=3, label=label)
             for x, y, n in pts:
                 ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_title(task)
         ax.set_xlabel("measured sparsity (1 - FLOP-equivalent density)")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("accuracy (95% interval)")
         ax.set_xlim(-0.05, 1.0)
         accs = [r["accuracy"] for r in rows if r["task"] == task and r["accuracy"] is not None]
         if accs and all(0.0 <= a <= 1.0 for a in accs):
@@ -386,6 +425,19 @@ def main(args: argparse.Namespace) -> int:
     bad = [p for p in presets if p not in PRESETS]
     if bad:
         raise _cli_error(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
+    from ..config import PSAConfig
+
+    json_configs: Dict[str, Path] = {}
+    for path in args.psa_config:
+        try:
+            PSAConfig.load(path)
+        except (OSError, ValueError) as exc:
+            raise _cli_error(str(exc)) from None
+        label = Path(path).stem
+        if label in presets or label in json_configs:
+            raise _cli_error(f"--psa-config {path}: the name {label!r} is already used; rename the file")
+        json_configs[label] = Path(path)
+    presets = presets + list(json_configs)
     limit = _limit(args.limit)
     try:
         model_dir, tiny_info = resolve_model_dir(args.model)
@@ -424,6 +476,8 @@ def main(args: argparse.Namespace) -> int:
 
     device = model_args.get("device") if isinstance(model_args.get("device"), str) else None
     for p in presets:
+        if p in json_configs:
+            continue
         probe = {k: v for k, v in psa_overrides.items() if k not in ("backend", "psa_layers")}
         try:
             cfg = psa_config_from_options(p, **probe)
@@ -441,6 +495,8 @@ def main(args: argparse.Namespace) -> int:
                  "limit": limit, "format": RUN_FORMAT}
     if class_name != (chat_class or simple_class):  # the lmms-eval class follows from the checkpoint otherwise
         signature["lmms_class"] = class_name
+    if json_configs:
+        signature["psa_configs"] = {k: PSAConfig.load(v).to_dict() for k, v in sorted(json_configs.items())}
 
     pairs = [(t, p) for p in presets for t in tasks]
     todo = []
@@ -481,7 +537,11 @@ def main(args: argparse.Namespace) -> int:
                 per = (time.perf_counter() - t_start) / done_pairs
                 eta = f", about {per * (len(todo) - i + 1) / 60:.1f} min left"
             logger.info("[%d/%d] task %s, preset %s%s", i, len(todo), task, preset, eta)
-            lm.set_psa(preset, **psa_overrides)
+            if preset in json_configs:
+                runtime = {k: v for k, v in psa_overrides.items() if k in ("backend", "psa_layers")}
+                lm.set_psa(psa_config=str(json_configs[preset]), **runtime)
+            else:
+                lm.set_psa(preset, **psa_overrides)
             t0 = time.perf_counter()
             results = simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit,
                                       bootstrap_iters=args.bootstrap_iters, log_samples=True,
@@ -489,6 +549,8 @@ def main(args: argparse.Namespace) -> int:
             if results is None:  # non-zero ranks of a distributed run
                 continue
             row = summarize_run(results, task, preset, args.metric)
+            if preset in json_configs:
+                row["family"] = "config"
             row.update(limit=limit, wall_s=time.perf_counter() - t0, signature=signature,
                        psa_config=str(lm.psa_config), env=env,
                        lmms_results={k: v for k, v in results.get("results", {}).items()})
@@ -507,7 +569,10 @@ def main(args: argparse.Namespace) -> int:
     for t, p in pairs:
         f = run_file(out, t, p)
         if f.is_file():
-            rows.append(json.loads(f.read_text()))
+            row = json.loads(f.read_text())
+            if "accuracy_lo" not in row:  # saved by an earlier version
+                row["accuracy_lo"], row["accuracy_hi"] = accuracy_interval(row)
+            rows.append(row)
     device = model_args.get("device", "cuda")
     margs = ",".join(f"{k}={v}" for k, v in sorted(model_args.items()))
     conditions = (
@@ -515,17 +580,19 @@ def main(args: argparse.Namespace) -> int:
         f"{env['lmms_eval']} model `{lmms_model}` ({class_name}), model args `{margs}`; "
         f"limit {limit if limit is not None else 'none'}; device {device} ({env['gpu']}); torch {env['torch']}, "
         f"transformers {env['transformers']}, commit {env['commit']}. Sparsity and prefill time are per-sample "
-        "means measured in the prefill (sparsity = 1 - FLOP-equivalent density, 0 for dense)."
+        "means measured in the prefill (sparsity = 1 - FLOP-equivalent density, 0 for dense); accuracy_lo and "
+        "accuracy_hi bound its 95% interval (Wilson for 0/1 scores, else a percentile bootstrap)."
     )
     csv_path, md_path = write_tables(rows, out, conditions)
     png = write_figure(rows, out / "sweep.png", f"{Path(model_dir).name}: accuracy vs measured sparsity")
     print(f"eval-sweep: {len(rows)} runs in {out}")
     w = max([len(r["task"]) for r in rows] + [4])
-    print(f"{'task':<{w}}  {'preset':<11} {'family':<8} {'accuracy':>9} {'sparsity':>8} {'prefill s':>9} {'n':>4}")
+    print(f"{'task':<{w}}  {'preset':<11} {'family':<8} {'accuracy':>9} {'95% CI':>15} {'sparsity':>8} {'prefill s':>9} {'n':>4}")
     for r in rows:
         acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        ci = "" if r.get("accuracy_lo") is None else f"[{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}]"
         sp = "n/a" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
         pf = "n/a" if r["prefill_s"] is None else f"{r['prefill_s']:.4f}"
-        print(f"{r['task']:<{w}}  {r['preset']:<11} {r['family']:<8} {acc:>9} {sp:>8} {pf:>9} {r['samples']:>4}")
+        print(f"{r['task']:<{w}}  {r['preset']:<11} {r['family']:<8} {acc:>9} {ci:>15} {sp:>8} {pf:>9} {r['samples']:>4}")
     print(f"table: {csv_path}, {md_path}\nfigure: {png}")
     return 0

@@ -81,7 +81,8 @@ def patch(
     Args:
         model: ``Qwen2VL*``, ``Qwen2_5_VL*``, ``Qwen3VL*`` or ``Qwen3VLMoe*`` ``ForConditionalGeneration``,
             ``Model`` or ``TextModel``.
-        config: ``PSAConfig`` or preset name (default: the ``"paper"`` preset).
+        config: ``PSAConfig``, preset name or path of a JSON config (``PSAConfig.load``; default: the ``"paper"``
+            preset). Its ``layer_overrides`` apply per decoder layer (``config.for_layer(i)``).
         layers: Decoder layer indices that use PSA (default: all); the others keep the original attention.
         backend: ``"auto"`` (Triton on CUDA, the PyTorch reference on the CPU), ``"triton"`` or ``"reference"``;
             checked against the config and the model's head_dim here (``check_config_for_backend``).

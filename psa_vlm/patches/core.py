@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -369,10 +370,20 @@ class _PatchState:
     types_fresh: bool = False  # token types written by this forward's ``types`` hook
     warned: set = field(default_factory=set, repr=False)
     observers: List[Callable] = field(default_factory=list, repr=False)
+    layer_configs: Dict[Any, PSAConfig] = field(default_factory=dict, repr=False)  # (config, layer) -> for_layer
 
     def config_for(self, layer_idx: Optional[int]) -> PSAConfig:
-        """The ``PSAConfig`` of one layer (the one place a layer's config is read)."""
-        return self.config
+        """The ``PSAConfig`` of one layer (the one place a layer's config is read): ``config.for_layer(i)``,
+        i.e. the config with that layer's ``layer_overrides`` applied."""
+        if not self.config.layer_overrides:
+            return self.config
+        key = (self.config, layer_idx)
+        cfg = self.layer_configs.get(key)
+        if cfg is None:
+            if len(self.layer_configs) > 256:  # the config was replaced many times: start over
+                self.layer_configs.clear()
+            cfg = self.layer_configs[key] = self.config.for_layer(layer_idx)
+        return cfg
 
     def enabled(self, layer_idx: Optional[int]) -> bool:
         return self.layers is None or layer_idx in self.layers
@@ -684,13 +695,17 @@ def _remove_hooks(target: torch.nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- patch
-def coerce_config(config: Union[PSAConfig, str, None]) -> PSAConfig:
+def coerce_config(config: Union[PSAConfig, str, "os.PathLike[str]", None]) -> PSAConfig:
     if config is None:
         return PSAConfig()
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and config.endswith(".json")):
+        return PSAConfig.load(config)  # a saved (possibly per-layer) config
     if isinstance(config, str):
         return PSAConfig.preset(config)
     if not isinstance(config, PSAConfig):
-        raise TypeError(f"config must be a PSAConfig, a preset name or None, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a PSAConfig, a preset name, a JSON config path or None, got {type(config).__name__}"
+        )
     return config
 
 
@@ -753,7 +768,14 @@ def patch_model(
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     modules = attention_modules(res)
     layer_set = _coerce_layers(layers, len(modules))
-    check_config_for_backend(cfg, backend, device=_device_of(res.text_model), head_dim=_head_dim(modules))
+    beyond = [i for i in cfg.overridden_layers() if i >= len(modules)]
+    if beyond:
+        raise ValueError(
+            f"config.layer_overrides names layer(s) {beyond} but the model has {len(modules)} decoder layers "
+            f"(indices 0..{len(modules) - 1})"
+        )
+    for layer_cfg in [cfg] + [cfg.for_layer(i) for i in cfg.overridden_layers()]:
+        check_config_for_backend(layer_cfg, backend, device=_device_of(res.text_model), head_dim=_head_dim(modules))
     text_model = res.text_model
 
     state: Optional[_PatchState] = getattr(text_model, "_psa_state", None)

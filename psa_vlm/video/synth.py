@@ -61,7 +61,9 @@ __all__ = [
     "write_video",
     "make_clip",
     "make_dataset",
+    "ensure_video",
     "load_dataset",
+    "OFFLINE_TASKS",
     "default_clip",
     "default_event_frames",
 ]
@@ -484,13 +486,14 @@ def make_dataset(
     event_frames: Optional[int] = None,
     name: str = "test",
     overwrite: bool = False,
+    render: bool = True,
 ) -> Path:
     """Write ``n`` clips to ``out_dir/videos/`` and their questions to ``out_dir/<name>.jsonl``.
 
     Each jsonl line is ``VideoQA.to_dict()`` with ``video`` relative to ``out_dir`` (the dataset can be
     moved as a folder). Item ``i`` uses seed ``seed * 100003 + i``; with ``kind="mixed"`` the kinds cycle
     through ``KINDS``. The jsonl is written last and atomically, so its presence means the dataset is
-    complete; an existing one is kept unless ``overwrite``.
+    complete (or, with ``render=False``, planned); an existing one is kept unless ``overwrite``.
 
     Args:
         out_dir: Dataset folder (created).
@@ -504,6 +507,9 @@ def make_dataset(
         event_frames: Event length in frames (default ``default_event_frames(frames)``).
         name: Stem of the jsonl file.
         overwrite: Regenerate even if the jsonl exists.
+        render: Write the videos now; with ``False`` only the questions are planned (milliseconds) and each
+            video is rendered on first use by ``ensure_video`` (the clip depends only on its record, so it is
+            the same video either way).
 
     Returns:
         Path of the jsonl file.
@@ -525,20 +531,15 @@ def make_dataset(
         k = kinds[i % len(kinds)]
         item_seed = seed * 100003 + i
         rel = f"videos/{name}-{i:05d}-{k}.mp4"
-        item = make_clip(
-            out_dir / rel,
-            k,
-            frames=frames,
-            width=width,
-            height=height,
-            fps=fps,
-            seed=item_seed,
-            event_frames=event_frames,
-        )
+        geometry = dict(frames=frames, width=width, height=height, fps=fps, seed=item_seed, event_frames=event_frames)
+        if render:
+            item = make_clip(out_dir / rel, k, **geometry)
+        else:
+            item = plan_clip(k, **geometry)
         item.id = f"{name}-{i:05d}"
         item.video = rel
         records.append(item.to_dict())
-        if (i + 1) % 16 == 0 or i + 1 == n:
+        if render and ((i + 1) % 16 == 0 or i + 1 == n):
             logger.info("synthetic videos: %d/%d written to %s", i + 1, n, video_dir)
     fd, tmp = tempfile.mkstemp(suffix=".jsonl", prefix=f".{name}-", dir=out_dir)
     with os.fdopen(fd, "w") as fh:
@@ -547,6 +548,18 @@ def make_dataset(
     os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
     os.replace(tmp, jsonl)
     return jsonl
+
+
+def ensure_video(item: VideoQA, *, crf: int = 20) -> Path:
+    """Render ``item.video`` (an absolute path) from the item's record unless the file exists.
+
+    Safe under several processes: ``write_video`` writes a temporary file and renames it.
+    """
+    path = Path(item.video)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(render_frames(item), path, item.fps, crf=crf)
+    return path
 
 
 def load_dataset(jsonl: PathLike) -> List[VideoQA]:
@@ -576,6 +589,17 @@ def default_clip() -> VideoQA:
     with resources.as_file(data / "default_clip.mp4") as p:
         item.video = str(p)
     return item
+
+
+#: The offline lmms-eval tasks of ``eval/tasks/psa_synth`` (``make_dataset`` arguments). 256 questions each (64
+#: per kind), so that one question moves accuracy by less than 0.4 points. The first 64 (long) / 32 (short)
+#: items are the questions of the earlier, smaller versions of the tasks (same seeds).
+OFFLINE_TASKS: Dict[str, Dict[str, object]] = {
+    # 16-frame clips (4 s at 4 fps): every frame can be given to the model.
+    "psa_synth_short": dict(n=256, kind="mixed", frames=16, fps=4.0, width=224, height=168, seed=1),
+    # 128-frame clips (16 s at 8 fps): needles last 10 frames, visible to any even sampling of >= 16 frames.
+    "psa_synth_long": dict(n=256, kind="mixed", frames=128, fps=8.0, width=224, height=168, seed=2),
+}
 
 
 # Parameters of the bundled clip (regenerate with `python -m psa_vlm.video.synth --bundled`).

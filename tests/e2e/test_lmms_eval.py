@@ -63,6 +63,11 @@ def test_bad_model_args_fail_before_loading(tiny_checkpoint):
     with pytest.raises(ValueError, match="attn_implementation"):
         Qwen2_5_VL_PSA(pretrained=str(tiny_checkpoint), device="cpu", device_map="cpu",
                        attn_implementation="flash_attention_2")
+    with pytest.raises(FileNotFoundError):
+        Qwen2_5_VL_PSA(pretrained=str(tiny_checkpoint), device="cpu", device_map="cpu", psa_config="/nonexistent.json")
+    with pytest.raises(ValueError, match="preset or psa_config"):
+        Qwen2_5_VL_PSA(pretrained=str(tiny_checkpoint), device="cpu", device_map="cpu", preset="paper",
+                       psa_config="/nonexistent.json")
 
 
 def test_simple_evaluate_dense_and_paper(tiny_checkpoint, task_manager):
@@ -102,16 +107,25 @@ def test_simple_evaluate_dense_and_paper(tiny_checkpoint, task_manager):
 def test_sweep_writes_table_and_figure_and_resumes(tiny_checkpoint, offline_env, tmp_path, caplog):
     from psa_vlm.cli import main
 
+    from psa_vlm import PSAConfig
+
     caplog.set_level(logging.INFO, logger="psa_vlm")
     out = tmp_path / "sweep"
+    layered = tmp_path / "layered.json"  # a saved per-layer config as one more sweep entry
+    PSAConfig.preset("quota-0.1", block_q=32, block_k=32, min_seq_len=64, layer_overrides={0: {"dense": True}}).save(layered)
     argv = ["eval-sweep", "--model", str(tiny_checkpoint), "--tasks", "psa_synth_short", "--presets", "dense,paper",
-            "--limit", "1", "--out", str(out), "--include-path", str(offline_env / "tasks")]
+            "--limit", "1", "--out", str(out), "--include-path", str(offline_env / "tasks"), "--psa-config", str(layered)]
     assert main(argv) == 0
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["task"], r["preset"], r["family"]) for r in rows] == [
-        ("psa_synth_short", "dense", "dense"), ("psa_synth_short", "paper", "pyramid")]
+        ("psa_synth_short", "dense", "dense"), ("psa_synth_short", "paper", "pyramid"),
+        ("psa_synth_short", "layered", "config")]
     assert float(rows[0]["sparsity"]) == 0.0 and 0.0 <= float(rows[1]["sparsity"]) < 1.0
+    assert 0.0 < float(rows[2]["sparsity"]) < 1.0
     assert all(float(r["prefill_s"]) > 0 and r["samples"] == "1" and r["metric"] == "accuracy" for r in rows)
+    # 95% Wilson interval of one 0/1 answer
+    assert all(float(r["accuracy_lo"]) <= float(r["accuracy"]) <= float(r["accuracy_hi"]) for r in rows)
+    assert {(float(r["accuracy_lo"]), float(r["accuracy_hi"])) for r in rows} <= {(0.0, 0.7935), (0.2065, 1.0)}
     md = (out / "sweep.md").read_text()
     assert "| psa_synth_short | paper | pyramid |" in md and "limit 1" in md
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -121,14 +135,14 @@ def test_sweep_writes_table_and_figure_and_resumes(tiny_checkpoint, offline_env,
     paper_file.unlink()  # an interrupted sweep: one run missing
     caplog.clear()
     assert main(argv) == 0
-    assert "2 (task, preset) runs, 1 already done, 1 to run" in caplog.text
+    assert "3 (task, preset) runs, 2 already done, 1 to run" in caplog.text
     assert dense_file.stat().st_mtime_ns == dense_mtime and paper_file.is_file()
 
     caplog.clear()
     assert main(argv) == 0  # all done: nothing runs, the model is not even loaded
     assert "0 to run" in caplog.text and "loading qwen2_5_vl_psa" not in caplog.text
     assert dense_file.stat().st_mtime_ns == dense_mtime
-    assert len(list(csv.DictReader(open(out / "sweep.csv")))) == 2
+    assert len(list(csv.DictReader(open(out / "sweep.csv")))) == 3
 
 
 def test_sweep_rejects_bad_input(tmp_path, capsys):

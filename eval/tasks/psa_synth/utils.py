@@ -1,9 +1,11 @@
 """lmms-eval task functions for the synthetic video QA of ``psa_vlm.video.synth``.
 
-The datasets are generated on demand (deterministically, from fixed seeds) into ``eval/data/<task>/`` the
-first time lmms-eval loads a task's YAML: the variant modules ``short.py`` / ``long.py`` call
-``ensure_data`` when they are imported, which happens before lmms-eval resolves the YAML's relative
-``data_files`` path. Generate them ahead of time (for example before a multi-process run) with::
+The questions are planned on demand (deterministically, from fixed seeds; ``psa_vlm.video.synth.OFFLINE_TASKS``)
+into ``eval/data/<task>/test.jsonl`` the first time lmms-eval loads a task's YAML: the variant modules
+``short.py`` / ``long.py`` call ``ensure_data`` when they are imported, which happens before lmms-eval resolves
+the YAML's relative ``data_files`` path. Each video is rendered the first time ``doc_to_visual`` asks for it, so
+a run with ``--limit 8`` renders 8 clips, not 256. Render everything ahead of time (for example before a
+multi-process run) with::
 
     python eval/tasks/psa_synth/utils.py            # both variants
     python eval/tasks/psa_synth/utils.py psa_synth_short
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,15 +28,14 @@ HERE = Path(__file__).resolve().parent
 #: ``eval/data`` (next to ``eval/tasks``).
 DATA_ROOT = HERE.parent.parent / "data"
 
-#: Generation settings of each task variant (``psa_vlm.video.synth.make_dataset`` arguments).
-SPECS: Dict[str, Dict[str, Any]] = {
-    # 16-frame clips (4 s at 4 fps): every frame can be given to the model.
-    "psa_synth_short": dict(n=32, kind="mixed", frames=16, fps=4.0, width=224, height=168, seed=1),
-    # 128-frame clips (16 s at 8 fps): needles last 10 frames, visible to any even sampling of >= 16 frames.
-    "psa_synth_long": dict(n=64, kind="mixed", frames=128, fps=8.0, width=224, height=168, seed=2),
-}
-
 logger = logging.getLogger("psa_synth")
+
+
+def specs() -> Dict[str, Dict[str, Any]]:
+    """Generation settings of each task variant (``psa_vlm.video.synth.OFFLINE_TASKS``)."""
+    from psa_vlm.video.synth import OFFLINE_TASKS
+
+    return OFFLINE_TASKS
 
 
 def data_dir(task: str) -> Path:
@@ -41,47 +43,78 @@ def data_dir(task: str) -> Path:
     return DATA_ROOT / task
 
 
-def ensure_data(task: str, *, timeout_s: float = 600.0) -> Path:
-    """Generate the variant's dataset unless its jsonl exists; return the jsonl path.
+def _planned_jsonl(task: str, out: Path) -> str:
+    """The jsonl text the current settings give (plans only: no video is rendered)."""
+    from psa_vlm.video.synth import make_dataset
 
-    Safe under several processes (accelerate ranks): one takes a lock file and generates, the others wait
-    for the jsonl (``make_dataset`` writes it last, atomically).
+    tmp = out / ".plan"
+    make_dataset(tmp, name="test", overwrite=True, render=False, **specs()[task])
+    text = (tmp / "test.jsonl").read_text()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return text
+
+
+def ensure_data(task: str, *, timeout_s: float = 600.0) -> Path:
+    """Plan the variant's questions unless its jsonl holds exactly them; return the jsonl path.
+
+    A jsonl from other settings (e.g. the earlier 32/64-question versions) is replaced and its videos are
+    deleted (they are rendered again on use). Safe under several processes (accelerate ranks): one takes a
+    lock file and writes, the others wait for it.
     """
     out = data_dir(task)
     jsonl = out / "test.jsonl"
-    if jsonl.is_file():
-        return jsonl
-    from psa_vlm.video.synth import make_dataset
-
     out.mkdir(parents=True, exist_ok=True)
     lock = out / ".generating"
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         deadline = time.monotonic() + timeout_s
-        while not jsonl.is_file():
+        while lock.exists():
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"waited {timeout_s:.0f} s for {jsonl}; remove {lock} if no process is writing it"
                 ) from None
-            time.sleep(0.5)
+            time.sleep(0.2)
         return jsonl
     try:
         os.close(fd)
-        logger.info("generating the %s dataset into %s", task, out)
-        make_dataset(out, name="test", **SPECS[task])
+        planned = _planned_jsonl(task, out)
+        if not jsonl.is_file() or jsonl.read_text() != planned:
+            if jsonl.is_file():
+                logger.info("%s: questions changed; replacing %s and its videos", task, jsonl)
+                shutil.rmtree(out / "videos", ignore_errors=True)
+            tmp = out / ".test.jsonl.tmp"
+            tmp.write_text(planned)
+            os.replace(tmp, jsonl)
     finally:
         os.unlink(lock)
     return jsonl
 
 
+def render_all(task: str) -> Path:
+    """``ensure_data`` and render every video of the variant; return the jsonl path."""
+    from psa_vlm.video.synth import ensure_video, load_dataset
+
+    jsonl = ensure_data(task)
+    items = load_dataset(jsonl)
+    for i, item in enumerate(items, 1):
+        ensure_video(item)
+        if i % 32 == 0 or i == len(items):
+            logger.info("%s: %d/%d videos rendered", task, i, len(items))
+    return jsonl
+
+
 # ---------------------------------------------------------------------------------------------- task functions
 def make_doc_to_visual(task: str) -> Callable[[dict], List[str]]:
-    """``doc_to_visual`` for a variant: the absolute path of the doc's mp4."""
+    """``doc_to_visual`` for a variant: the absolute path of the doc's mp4 (rendered now if missing)."""
     root = data_dir(task)
 
     def doc_to_visual(doc: dict) -> List[str]:
-        return [str(root / doc["video"])]
+        from psa_vlm.video.synth import VideoQA, ensure_video
+
+        item = VideoQA.from_dict(dict(doc))
+        item.video = str(root / doc["video"])
+        return [str(ensure_video(item))]
 
     return doc_to_visual
 
@@ -127,7 +160,7 @@ def aggregate_kind_accuracy(items: List[Dict[str, Any]]) -> float:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in sys.argv[1:] or list(SPECS):
-        if name not in SPECS:
-            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(SPECS)}")
-        print(ensure_data(name))
+    for name in sys.argv[1:] or list(specs()):
+        if name not in specs():
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(specs())}")
+        print(render_all(name))
