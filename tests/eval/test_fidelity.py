@@ -172,7 +172,7 @@ def test_eval_fidelity_on_four_prompts(clips, tmp_path, caplog):
 
 
 def test_calibrate_writes_a_config_that_meets_its_target(runner, clips, tmp_path):
-    from psa_vlm.eval.calibrate import calibrate, predicted_speedups
+    from psa_vlm.eval.calibrate import calibrate
     from psa_vlm.patches import observe, patch_qwen25vl, unpatch_qwen25vl
 
     prompts = load_prompts(videos=clips, limit=2)
