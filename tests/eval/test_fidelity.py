@@ -192,7 +192,7 @@ def test_calibrate_writes_a_config_that_meets_its_target(runner, clips, tmp_path
                 worst[i] = max(worst.get(i, 0.0), relative_error(o, d()))
 
             with observe(runner.model, fn), torch.inference_mode():
-                runner.model(**runner.reference(p).inputs, use_cache=False)
+                runner.model(**runner.inputs_of(p), use_cache=False)
     finally:
         unpatch_qwen25vl(runner.model)
     assert sorted(worst) == [0, 1, 2, 3] and max(worst.values()) <= target
@@ -239,3 +239,15 @@ def test_prompt_sources_reject_bad_input(tmp_path, clips):
     with pytest.raises(ValueError, match="expected"):
         load_prompts(videos=tmp_path)
     assert isinstance(load_prompts(videos=clips, limit=1)[0], FidelityPrompt)
+
+
+def test_uncached_inputs_give_the_same_result(runner, clips):
+    """Past the cache budget the video is decoded again per setting; the measurements must not change."""
+    prompt = load_prompts(videos=clips, limit=1)[0]
+    lean = FidelityRunner(runner.model, runner.processor, backend="reference", max_frames=16, min_pixels=3136,
+                          max_pixels=12544, cache_bytes=0)
+    a, b = runner.run(prompt, _cfg("quota-0.2"), "x"), lean.run(prompt, _cfg("quota-0.2"), "x")
+    assert lean.reference(prompt).inputs is None and runner.reference(prompt).inputs is not None
+    assert (a.kl, a.answer_text, a.layer_err, a.layer_density) == (b.kl, b.answer_text, b.layer_err, b.layer_density)
+    assert a.kl > 0 and a.prompt_tokens == b.prompt_tokens > 100
+    runner.apply(None)
