@@ -856,6 +856,9 @@ def main(args: argparse.Namespace) -> int:
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     if args.limit < 1:
         raise _cli_error(f"--limit must be >= 1, got {args.limit}")
+    bad = [p for p in presets if p not in PRESETS]
+    if bad:  # before anything slow
+        raise _cli_error(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
     try:
         for path in args.psa_config:
             PSAConfig.load(path)  # fail before the model loads

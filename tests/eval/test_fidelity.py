@@ -251,3 +251,14 @@ def test_uncached_inputs_give_the_same_result(runner, clips):
     assert (a.kl, a.answer_text, a.layer_err, a.layer_density) == (b.kl, b.answer_text, b.layer_err, b.layer_density)
     assert a.kl > 0 and a.prompt_tokens == b.prompt_tokens > 100
     runner.apply(None)
+
+
+def test_cli_rejects_bad_input_before_loading(tmp_path, capsys):
+    from psa_vlm.cli import main
+
+    assert main(["eval-fidelity", "--presets", "dense,nope"]) == 2
+    assert main(["eval-fidelity", "--psa-config", str(tmp_path / "missing.json")]) == 2
+    assert main(["calibrate", "--max-kl", "-1", "--out", str(tmp_path / "c.json")]) == 2
+    assert main(["calibrate", "--max-attn-err", "0.1", "--candidates", "quota-9", "--out", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and "nope" in err[0] and "missing.json" in err[1] and "quota-9" in err[3]
