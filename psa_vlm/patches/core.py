@@ -452,6 +452,9 @@ class _PSARepr:
 
 
 # ---------------------------------------------------------------------------------------------- attention
+_UNPATCHED_WARNED: List[bool] = []  # one warning per process for models loaded with a PSA name, never patched
+
+
 class PSAAttentionFunction:
     """The function registered in ``AttentionInterface`` under ``psa_name(original)``.
 
@@ -470,10 +473,11 @@ class PSAAttentionFunction:
 
     def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
         state: Optional[_PatchState] = getattr(module, "_psa_state", None)
-        if state is None:
-            if getattr(module, "is_causal", False) and query.shape[2] > 1:
-                logger.debug("PSA: %s has no PSA state (call psa_vlm.patch(model)); original attention",
-                             type(module).__name__)
+        if state is None:  # loaded with a PSA name but never patched (or the vision tower): no config, no types
+            if getattr(module, "is_causal", False) and query.shape[2] > 1 and not _UNPATCHED_WARNED:
+                _UNPATCHED_WARNED.append(True)
+                logger.warning("PSA: %s runs its original %s attention until psa_vlm.patch(model, config) is called",
+                               type(module).__name__, self.original)
             return call_original(module, self.original, query, key, value, attention_mask, *args, **kwargs)
         layer_idx = getattr(module, "layer_idx", None)
         config = state.config_for(layer_idx)
