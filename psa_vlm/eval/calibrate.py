@@ -159,8 +159,8 @@ def calibrate(
     refs = {}
     for p in prompts:
         runner.apply(None)
-        ref = runner.reference(p)
-        refs[p.id] = (ref.inputs, _forward(runner, ref.inputs))
+        inputs = runner.inputs_of(p)
+        refs[p.id] = (inputs, _forward(runner, inputs))  # calibration prompts are few: kept in memory
 
     choices: Dict[int, PSAConfig] = {}
     names: Dict[int, str] = {}

@@ -261,10 +261,15 @@ class PromptResult:
 
 @dataclass
 class _Reference:
-    inputs: Any
+    inputs: Any  # the processor's inputs, or None once the cache budget is spent (rebuilt on use)
     logits: torch.Tensor  # [V] float32, next-token logits at the last prompt position
     text: str
     video_tokens: int
+    prompt_tokens: int
+
+
+def _nbytes(inputs: Any) -> int:
+    return sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
 
 
 class FidelityRunner:
@@ -277,10 +282,13 @@ class FidelityRunner:
         max_frames: Frames sampled per video when the prompt does not say (even sampling).
         min_pixels, max_pixels: Per-frame pixel range given to qwen-vl-utils.
         max_new_tokens: Greedy answer length.
+        cache_bytes: Processor inputs (pixels) kept in host memory between settings, at most this many bytes
+            in all (default 2 GiB); prompts beyond it decode their video again for each setting.
     """
 
     def __init__(self, model: Any, processor: Any, *, backend: str = "auto", max_frames: int = 128,
-                 min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS, max_new_tokens: int = 8) -> None:
+                 min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS, max_new_tokens: int = 8,
+                 cache_bytes: int = 2 << 30) -> None:
         self.model = model
         self.processor = processor
         self.backend = backend
@@ -289,6 +297,8 @@ class FidelityRunner:
         self.max_pixels = max_pixels
         self.max_new_tokens = max_new_tokens
         self.n_layers = int(model.config.get_text_config().num_hidden_layers)
+        self.cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self._refs: Dict[str, _Reference] = {}
 
     # ------------------------------------------------------------------ inputs and dense reference
@@ -314,15 +324,27 @@ class FidelityRunner:
             text, logits, _ = self._generate(inputs)
             vid = getattr(self.model.config, "video_token_id", None)
             n_video = int((inputs["input_ids"] == vid).sum()) if vid is not None else 0
-            ref = self._refs[prompt.id] = _Reference(inputs, logits, text, n_video)
+            size = _nbytes(inputs)
+            keep = self._cached_bytes + size <= self.cache_bytes
+            self._cached_bytes += size if keep else 0
+            ref = self._refs[prompt.id] = _Reference(inputs if keep else None, logits, text, n_video,
+                                                     int(inputs["input_ids"].shape[1]))
         return ref
+
+    def inputs_of(self, prompt: FidelityPrompt) -> Any:
+        """The prompt's processor inputs: cached with its reference, or built again."""
+        ref = self.reference(prompt)
+        return ref.inputs if ref.inputs is not None else self.inputs(prompt)
 
     def forget(self, prompt_id: Optional[str] = None) -> None:
         """Drop cached inputs and references (all, or one prompt's)."""
         if prompt_id is None:
             self._refs.clear()
+            self._cached_bytes = 0
         else:
-            self._refs.pop(prompt_id, None)
+            ref = self._refs.pop(prompt_id, None)
+            if ref is not None and ref.inputs is not None:
+                self._cached_bytes -= _nbytes(ref.inputs)
 
     def _generate(self, inputs: Any) -> Tuple[str, torch.Tensor, float]:
         from ..inference import PrefillTimer
@@ -359,6 +381,7 @@ class FidelityRunner:
         from ..patches import observe, psa_stats
 
         ref = self.reference(prompt)
+        inputs = self.inputs_of(prompt)
         self.apply(config, layers)
         errs: Dict[int, float] = {}
 
@@ -366,11 +389,11 @@ class FidelityRunner:
             errs[int(layer_idx)] = relative_error(psa_out, dense_out())
 
         if config is None:
-            text, logits, prefill = self._generate(ref.inputs)
+            text, logits, prefill = self._generate(inputs)
             per_layer: Dict[int, float] = {}
         else:
             with observe(self.model, capture):
-                text, logits, prefill = self._generate(ref.inputs)
+                text, logits, prefill = self._generate(inputs)
             stats = psa_stats(self.model)
             per_layer = {int(i): float(v["density"]) for i, v in stats["layers"].items()}
         dens = [per_layer.get(i, 1.0) for i in range(self.n_layers)]  # a layer that ran dense counts 1
@@ -381,7 +404,7 @@ class FidelityRunner:
             setting=setting, prompt_id=prompt.id, answer_text=text, letter=letter, dense_text=ref.text,
             dense_letter=dense_letter, agree=bool(agree), correct=(letter == prompt.answer) if labelled else None,
             kl=kl_divergence(ref.logits, logits), layer_err=errs, layer_density=per_layer,
-            density=float(np.mean(dens)), prefill_s=prefill, prompt_tokens=int(ref.inputs["input_ids"].shape[1]),
+            density=float(np.mean(dens)), prefill_s=prefill, prompt_tokens=ref.prompt_tokens,
             video_tokens=ref.video_tokens, label=prompt.answer, kind=prompt.kind,
         )
 
@@ -833,6 +856,9 @@ def main(args: argparse.Namespace) -> int:
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     if args.limit < 1:
         raise _cli_error(f"--limit must be >= 1, got {args.limit}")
+    bad = [p for p in presets if p not in PRESETS]
+    if bad:  # before anything slow
+        raise _cli_error(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
     try:
         for path in args.psa_config:
             PSAConfig.load(path)  # fail before the model loads

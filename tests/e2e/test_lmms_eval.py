@@ -169,3 +169,19 @@ def test_sweep_weights_fingerprint_tracks_retrained_weights(tiny_checkpoint, tmp
     data[-5] ^= 0xFF  # one byte of the last tensor, as retraining would change it
     f.write_bytes(bytes(data))
     assert weights_fingerprint(copy) != weights_fingerprint(tiny_checkpoint)
+
+
+def test_fidelity_prompts_from_an_lmms_eval_task(offline_env):
+    """``eval-fidelity --lmms-task``: the task's own doc_to_visual / doc_to_text / doc_to_target."""
+    from pathlib import Path as _Path
+
+    from psa_vlm.eval.fidelity import load_prompts
+    from psa_vlm.video.synth import load_dataset
+
+    prompts = load_prompts(lmms_task="psa_synth_short", include_path=[str(offline_env / "tasks")], limit=3)
+    items = load_dataset(offline_env / "data" / "psa_synth_short" / "test.jsonl")[:3]
+    assert [p.answer for p in prompts] == [i.answer for i in items]
+    assert [p.kind for p in prompts] == [i.kind for i in items]
+    for p, item in zip(prompts, items):
+        assert _Path(p.video).is_file() and p.video == item.video
+        assert p.prompt == item.prompt()  # the task's prompt is the generator's

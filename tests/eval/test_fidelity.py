@@ -172,7 +172,7 @@ def test_eval_fidelity_on_four_prompts(clips, tmp_path, caplog):
 
 
 def test_calibrate_writes_a_config_that_meets_its_target(runner, clips, tmp_path):
-    from psa_vlm.eval.calibrate import calibrate, predicted_speedups
+    from psa_vlm.eval.calibrate import calibrate
     from psa_vlm.patches import observe, patch_qwen25vl, unpatch_qwen25vl
 
     prompts = load_prompts(videos=clips, limit=2)
@@ -192,7 +192,7 @@ def test_calibrate_writes_a_config_that_meets_its_target(runner, clips, tmp_path
                 worst[i] = max(worst.get(i, 0.0), relative_error(o, d()))
 
             with observe(runner.model, fn), torch.inference_mode():
-                runner.model(**runner.reference(p).inputs, use_cache=False)
+                runner.model(**runner.inputs_of(p), use_cache=False)
     finally:
         unpatch_qwen25vl(runner.model)
     assert sorted(worst) == [0, 1, 2, 3] and max(worst.values()) <= target
@@ -239,3 +239,26 @@ def test_prompt_sources_reject_bad_input(tmp_path, clips):
     with pytest.raises(ValueError, match="expected"):
         load_prompts(videos=tmp_path)
     assert isinstance(load_prompts(videos=clips, limit=1)[0], FidelityPrompt)
+
+
+def test_uncached_inputs_give_the_same_result(runner, clips):
+    """Past the cache budget the video is decoded again per setting; the measurements must not change."""
+    prompt = load_prompts(videos=clips, limit=1)[0]
+    lean = FidelityRunner(runner.model, runner.processor, backend="reference", max_frames=16, min_pixels=3136,
+                          max_pixels=12544, cache_bytes=0)
+    a, b = runner.run(prompt, _cfg("quota-0.2"), "x"), lean.run(prompt, _cfg("quota-0.2"), "x")
+    assert lean.reference(prompt).inputs is None and runner.reference(prompt).inputs is not None
+    assert (a.kl, a.answer_text, a.layer_err, a.layer_density) == (b.kl, b.answer_text, b.layer_err, b.layer_density)
+    assert a.kl > 0 and a.prompt_tokens == b.prompt_tokens > 100
+    runner.apply(None)
+
+
+def test_cli_rejects_bad_input_before_loading(tmp_path, capsys):
+    from psa_vlm.cli import main
+
+    assert main(["eval-fidelity", "--presets", "dense,nope"]) == 2
+    assert main(["eval-fidelity", "--psa-config", str(tmp_path / "missing.json")]) == 2
+    assert main(["calibrate", "--max-kl", "-1", "--out", str(tmp_path / "c.json")]) == 2
+    assert main(["calibrate", "--max-attn-err", "0.1", "--candidates", "quota-9", "--out", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and "nope" in err[0] and "missing.json" in err[1] and "quota-9" in err[3]
