@@ -618,11 +618,12 @@ def run_psa(
     )
     if plan_only:
         return None, plan
-    if config.dense and be == "fa4" and level_map is None and key_padding_mask is None and q.dtype != torch.float32:
+    if config.dense and be == "fa4" and level_map is None and key_padding_mask is None:
         # exact causal attention: FlashAttention-4's dense forward is the fastest form of the all-full plan
-        from .kernels.attention.fa4 import dense_attention
+        from .kernels.attention.fa4 import dense_attention, fa4_unsupported
 
-        return dense_attention(q, k, v, scale=scale, out=out), plan
+        if fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None:
+            return dense_attention(q, k, v, scale=scale, out=out), plan
     if config.dense_guard and level_map is None and not config.dense and key_padding_mask is None:
         dense = _guarded_dense(be, plan.level_map, q, k, v, scale, config)
         if dense is not None:
@@ -660,6 +661,11 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
 
     if backend not in ("fa4", "triton") or q.device.type != "cuda" or q.dtype == torch.float32:
         return None
+    if backend == "fa4":
+        from .kernels.attention.fa4 import fa4_unsupported
+
+        if fa4_unsupported(q, block_q=config.block_q, block_k=config.block_k, factors=config.pool_factors) is not None:
+            backend = "triton"  # the attend stage falls back to the Triton kernel: compare with SDPA
     if backend == "triton" and q.shape[2] != k.shape[2]:
         return None
     # quota mode fixes the level mix: far below the break-even there is nothing to decide, and skipping the host

@@ -122,5 +122,7 @@ def test_default_checkpoint_per_family_and_cli(tmp_path, monkeypatch, capsys):
     assert main(["build-tiny", "--family", "qwen3_vl_moe", "--out", str(tmp_path / "moe")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "moe")
     assert json.loads((tmp_path / "moe" / "config.json").read_text())["model_type"] == "qwen3_vl_moe"
-    with pytest.raises(SystemExit):
-        main(["build-tiny", "--family", "llava", "--out", str(tmp_path / "bad")])
+    capsys.readouterr()
+    assert main(["build-tiny", "--family", "llava", "--out", str(tmp_path / "bad")]) == 2  # one line, exit 2
+    err = capsys.readouterr().err.strip()
+    assert "llava" in err and len(err.splitlines()) == 1

@@ -181,7 +181,7 @@ def test_short_prefill_and_decode_use_original_attention(model, inputs, referenc
     """Below min_seq_len the original sdpa function runs with the same arguments: bit-identical logits."""
     psa_vlm.patch_qwen25vl(model, "paper")  # min_seq_len 4096 > prompt
     assert torch.equal(_logits(model, inputs), reference[0])
-    assert psa_vlm.psa_stats(model) == {"layers": {}, "density": None, "histogram": None}
+    assert psa_vlm.psa_stats(model) == {"layers": {}, "density": None, "histogram": None, "dense_guard_layers": 0}
     with torch.no_grad():
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), reference[1])
 
