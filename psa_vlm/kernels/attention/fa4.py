@@ -11,6 +11,12 @@ its partial output ``O_p`` and log-sum-exp ``lse_p`` (natural log, over ``scale 
 - factor ``p``: queries against the pooled level ``K^p``/``V^p`` of the pyramid (non-causal: pooled blocks lie
   wholly in the past of their query block), sparse blocks ``(bq, bk / p)``.
 
+By default (``TRITON_POOLED_FACTORS = (4, 8)``) the 4x- and 8x-pooled levels instead run together in one launch of
+psa_vlm's Triton kernel, whose pooled stream packs several pooled blocks into one 128-row tile (FlashAttention-4
+shrinks its KV tile to ``bk / p`` = 32 and 16 rows there); that launch writes its own log-sum-exp, which already
+holds the ``+ ln p`` of its pooled logits. Measured on an H200 it made the attend stage 0-8% faster
+(``NOTES_fa4.md``).
+
 The merge then weights each partial by ``exp(lse_p + ln p - LSE)`` with ``LSE = logsumexp_p(lse_p + ln p)``.
 Adding ``ln p`` to a level's log-sum-exp is the same as adding ``ln p`` to every pooled logit (PSA's bias), so no
 score modification runs inside the attention kernel. Levels a row does not use (count 0) get weight 0, rows that
@@ -22,9 +28,9 @@ same block lists) and ``merge_levels_reference``, and check the result against `
 
 Limits of the FlashAttention-4 path (``fa4_unsupported`` names the first one that applies; ``sparse_attention``
 then runs the Triton kernel and logs it once per reason): CUDA device of compute capability 9.x or newer,
-``flash-attn-4`` importable (``pip install "psa-vlm[fa4]"``), float16/bfloat16, ``bq`` a multiple of 128
-(SM90's query tile; 64 for head_dim <= 64 is not used), ``bk / p`` a multiple of 16 for every listed factor
-(SM90 shrinks the KV tile to the sparse block), head_dim a multiple of 8 up to 256, no ``key_padding_mask``
+``flash-attn-4`` importable (``pip install "psa-vlm[fa4]"``), float16/bfloat16, ``bq = bk = 128`` (the blocks
+verified on a GPU; FlashAttention-4's SM90 forward tiles queries by 128 and shrinks its KV tile to ``bk / p``),
+head_dim a multiple of 8 up to 256, no ``key_padding_mask``
 (FlashAttention has no per-key padding for left-padded batches).
 """
 
@@ -40,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ..geometry import FACTOR_ORDER, cdiv, level_offsets
+from .kernel import _interpreting
 
 __all__ = [
     "FA4_INSTALL_HINT",
@@ -119,11 +126,10 @@ def fa4_unsupported(
         return f"tensors on {q.device} (FlashAttention-4 needs CUDA)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (FlashAttention-4 runs float16/bfloat16)"
-    if block_q % 128:
-        return f"block_q={block_q} (FlashAttention-4 on Hopper needs a multiple of 128)"
-    for p in (1,) + tuple(factors):
-        if (block_k // p) % 16 or block_k % p:
-            return f"block_k={block_k} at factor {p} (FlashAttention-4 needs block_k / p to be a multiple of 16)"
+    if (block_q, block_k) != (128, 128):
+        # FlashAttention-4's SM90 forward tiles queries by 128 and shrinks its KV tile to bk / p; other block
+        # sizes are expressible in principle but not verified on a GPU
+        return f"blocks ({block_q}, {block_k}) (the fa4 path runs and is verified with 128 x 128 blocks)"
     if D % 8 or not (8 <= D <= 256):
         return f"head_dim={D} (FlashAttention-4 on Hopper needs a multiple of 8 in [8, 256])"
     if key_padding_mask is not None:
@@ -201,12 +207,6 @@ def level_block_lists(
         tcounts[..., :tail_from] = 0
         res.append((tcounts, tail))
     return res
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
