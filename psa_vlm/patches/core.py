@@ -441,6 +441,9 @@ class _PSARepr:
 
 
 # ---------------------------------------------------------------------------------------------- attention
+_UNPATCHED_WARNED: List[bool] = []  # one warning per process for models loaded with a PSA name, never patched
+
+
 class PSAAttentionFunction:
     """The function registered in ``AttentionInterface`` under ``psa_name(original)``.
 
@@ -459,10 +462,11 @@ class PSAAttentionFunction:
 
     def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
         state: Optional[_PatchState] = getattr(module, "_psa_state", None)
-        if state is None:
-            if getattr(module, "is_causal", False) and query.shape[2] > 1:
-                logger.debug("PSA: %s has no PSA state (call psa_vlm.patch(model)); original attention",
-                             type(module).__name__)
+        if state is None:  # loaded with a PSA name but never patched (or the vision tower): no config, no types
+            if getattr(module, "is_causal", False) and query.shape[2] > 1 and not _UNPATCHED_WARNED:
+                _UNPATCHED_WARNED.append(True)
+                logger.warning("PSA: %s runs its original %s attention until psa_vlm.patch(model, config) is called",
+                               type(module).__name__, self.original)
             return call_original(module, self.original, query, key, value, attention_mask, *args, **kwargs)
         layer_idx = getattr(module, "layer_idx", None)
         config = state.config_for(layer_idx)
@@ -588,7 +592,7 @@ def _past_length(cache: Any) -> Tuple[Optional[int], Optional[str]]:
     return (n, None) if isinstance(n, int) else (None, None)
 
 
-def _mask_reason(kwargs: Dict[str, Any], hooked: torch.nn.Module, state: _PatchState, n_new: int) -> Optional[str]:
+def _mask_reason(kwargs: Dict[str, Any], hooked: torch.nn.Module, n_new: int) -> Optional[str]:
     """Why the mask transformers builds for this forward is not exactly causal + key padding (``None``: it is)."""
     mask = kwargs.get("attention_mask")
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
@@ -649,7 +653,7 @@ class _PreHook:
         if n_new > 1:  # a prefill: the statistics describe the last prefill only
             for m in state.modules:
                 m._psa_last = None
-        state.dense_reason = cache_reason or _mask_reason(kwargs, module, state, n_new)
+        state.dense_reason = cache_reason or _mask_reason(kwargs, module, n_new)
         mask = kwargs.get("attention_mask")
         state.key_padding = None
         if state.dense_reason is None and n_new > 1 and isinstance(mask, torch.Tensor):
