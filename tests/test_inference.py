@@ -77,3 +77,35 @@ def test_checkpoint_family(tmp_path):
         checkpoint_family(tmp_path / "llava")
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint_family(tmp_path / "missing")
+
+
+def test_load_model_passes_the_attention_through(tiny_family_checkpoint, monkeypatch):
+    """Any family through the auto class; the attention name reaches transformers unchanged (a name registered
+    in ``AttentionInterface`` loads; flash_attention_2 is handed over as is and its missing package is one
+    clear ValueError)."""
+    import torch
+    from transformers import AttentionInterface, AutoModelForImageTextToText
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from psa_vlm.inference import load_model
+
+    AttentionInterface.register("test_sdpa_copy", sdpa_attention_forward)
+    model, processor = load_model(tiny_family_checkpoint("qwen3_vl"), device="cpu",
+                                  attn_implementation="test_sdpa_copy")
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration" and not model.training
+    assert model.config.get_text_config()._attn_implementation == "test_sdpa_copy"
+    assert next(model.parameters()).dtype == torch.float32 and type(processor).__name__ == "Qwen3VLProcessor"
+
+    seen = {}
+    original = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        seen.update(kwargs)
+        return original(cls, path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(spy))
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'.*use attn_implementation='sdpa'"):
+        load_model(tiny_family_checkpoint("qwen2_vl"), device="cpu", attn_implementation="flash_attention_2")
+    assert seen["attn_implementation"] == "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation must be a name"):
+        load_model(tiny_family_checkpoint("qwen2_vl"), device="cpu", attn_implementation="")
