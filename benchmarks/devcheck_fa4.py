@@ -5,7 +5,8 @@ Run on a Hopper GPU with flash-attn-4 importable, from the repository root::
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/devcheck_fa4.py [--lengths 65536 131072] [--out DIR]
 
 For each length, video-like bf16 Q/K/V at Qwen2.5-VL-7B attention shapes (Hq 28, Hkv 4, D 128):
-1. dense baselines: cuDNN SDPA, FlashAttention-2 through SDPA's flash backend, FlashAttention-4 dense;
+1. dense baselines (``psa_vlm.bench.attention.dense_baselines``): cuDNN SDPA, FlashAttention-2 through SDPA's
+   flash backend, FlashAttention-4 dense;
 2. for quota-0.1/0.2/0.3 and binary-0.2 plans (Triton pool/estimate/assign): correctness of the fa4 attend stage
    against the float32 reference on three query blocks, then medians of the Triton attend stage, the fa4 attend
    stage, each fa4 level launch alone and the merge; ideal = density x cuDNN dense;
@@ -41,25 +42,6 @@ def bench(fn, rep: int = 100) -> float:
 
 def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
-
-
-def dense_baselines(q, k, v) -> Dict[str, float]:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from psa_vlm.kernels.attention.fa4 import dense_attention
-
-    res = {}
-    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2_sdpa", SDPBackend.FLASH_ATTENTION)):
-        try:
-            with sdpa_kernel([be]):
-                fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-                fn()
-                res[name] = bench(fn)
-        except RuntimeError as exc:
-            say(f"  {name}: not available ({str(exc).splitlines()[0][:80]})")
-    res["fa4"] = bench(lambda: dense_attention(q, k, v))
-    return res
 
 
 def check_fa4(q, k, v, plan, cfg) -> float:
@@ -130,6 +112,7 @@ def main() -> int:
     args = ap.parse_args()
     from psa_vlm import PSAConfig
     from psa_vlm.api import run_psa
+    from psa_vlm.bench.attention import dense_baselines
     from psa_vlm.bench.synthetic import video_like_qkv
     from psa_vlm.kernels.attention import fa4
     from psa_vlm.kernels.attention import kernel as tk
@@ -145,7 +128,7 @@ def main() -> int:
     first = True
     for L in args.lengths:
         q, k, v = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device="cuda", seed=L)
-        dense = dense_baselines(q, k, v)
+        dense = dense_baselines(q, k, v, rep=100)
         say(f"L={L} dense ms: " + ", ".join(f"{a} {b:.2f}" for a, b in dense.items()))
         for name in args.presets:
             cfg = PSAConfig.preset(name)
