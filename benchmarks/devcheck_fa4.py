@@ -180,11 +180,12 @@ def main() -> int:
                 f"{min(dense.values()):.2f}")
             results.append(dict(L=L, preset="paper", density=plan2.level_map.density(), guard=plan.dense_reason,
                                 whole_guard_ms=w, whole_noguard_ms=w2, **dense))
-        # new-length cost: Triton specialises integer arguments on divisibility by 16, so the first length of the
-        # other class compiles once; a further new length of the same class must not compile again
+        # new-length cost: Triton would specialise integer arguments on divisibility by 16 (and == 1); the kernels
+        # exclude their length-derived arguments (do_not_specialize), so no new length may compile again: lengths
+        # with L % 16 = 8, odd, and block counts of every residue class follow the first length
         if L == args.lengths[0]:
             cfg = PSAConfig.preset("quota-0.2")
-            for L2 in (L + 1000, L + 3000):  # neither a multiple of 16
+            for L2 in (L + 1000, L + 1003, L + 3000, L + 130):
                 q2, k2, v2 = video_like_qkv(1, 28, 4, L2, 128, dtype=torch.bfloat16, device="cuda", seed=L2)
                 torch.cuda.synchronize()
                 t1 = time.time()

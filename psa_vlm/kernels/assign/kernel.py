@@ -80,7 +80,13 @@ def _bitonic_sort(x, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
     return tl.reshape(h, [2**LOG_N])
 
 
-@triton.jit
+#: Integer arguments that change with the sequence length: not specialised by Triton (no recompilation when a
+#: new length is, or is not, a multiple of 16). Measured cost of a new length: docs/PERFORMANCE.md.
+_LENGTH_ARGS = ("stride_sb", "stride_sh", "stride_sq", "stride_cb", "stride_ch", "stride_kfb", "stride_qfb", "stride_fb",
+    "stride_fh", "stride_fq", "stride_nb", "stride_nh", "nq", "nk", "lq", "lk")
+
+
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _assign_kernel(
     scores_ptr,
     cap_ptr,

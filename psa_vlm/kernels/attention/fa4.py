@@ -209,7 +209,12 @@ def level_block_lists(
     return res
 
 
-@triton.jit
+#: Integer arguments that change with the sequence length: not specialised by Triton (no recompilation when a
+#: new length is, or is not, a multiple of 16). Measured cost of a new length: docs/PERFORMANCE.md.
+_SPLIT_LENGTH_ARGS = ("stride_i", "W1", "W2", "W4", "W8", "WT")
+
+
+@triton.jit(do_not_specialize=_SPLIT_LENGTH_ARGS)
 def _split_kernel(
     idx_ptr, cnt_ptr, o1_ptr, o2_ptr, o4_ptr, o8_ptr, tail_ptr, stride_i, stride_c, W1, W2, W4, W8, WT, TAIL_COL,
     WRITE_FIRST: tl.constexpr, WRITE_TAIL: tl.constexpr, BLOCK: tl.constexpr,
@@ -368,7 +373,12 @@ def merge_levels_reference(
     return out
 
 
-@triton.jit
+#: Integer arguments that change with the sequence length: not specialised by Triton (no recompilation when a
+#: new length is, or is not, a multiple of 16). Measured cost of a new length: docs/PERFORMANCE.md.
+_MERGE_LENGTH_ARGS = ("stride_lb", "stride_lh", "stride_ub", "stride_uh", "Lq")
+
+
+@triton.jit(do_not_specialize=_MERGE_LENGTH_ARGS)
 def _merge_kernel(
     o_ptr,  # 4 partial outputs, stacked pointers via offsets
     o1_ptr,

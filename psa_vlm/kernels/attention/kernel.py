@@ -94,7 +94,13 @@ def _stream_entry(vr, c1, c2, c4, r2, e4, RP2: tl.constexpr, RP4: tl.constexpr, 
     )
 
 
-@triton.jit
+#: Integer arguments that change with the sequence length: not specialised by Triton (no recompilation when a
+#: new length is, or is not, a multiple of 16). Measured cost of a new length: docs/PERFORMANCE.md.
+_LENGTH_ARGS = ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch", "stride_pb", "stride_lb", "stride_lh",
+    "Lq", "Lk", "n_tiles_q", "off2", "off4", "off8")
+
+
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _psa_fwd_kernel(
     Q, K, V, KP, VP, KV_IDX, COUNTS, PAD, OUT, LSE,
     stride_qb, stride_qh, stride_qm,

@@ -133,7 +133,12 @@ def _pool_chunk(
     return c2, c4, c8
 
 
-@triton.jit
+#: Integer arguments that change with the sequence length: not specialised by Triton (no recompilation when a
+#: new length is, or is not, a multiple of 16). Measured cost of a new length: docs/PERFORMANCE.md.
+_LENGTH_ARGS = ("stride_cb", "stride_ch", "nkf", "off2", "off4", "off8")
+
+
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _pool_kernel(
     k_ptr,
     v_ptr,
