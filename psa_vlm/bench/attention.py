@@ -41,7 +41,16 @@ MD_COLUMNS = [
 DEFAULT_PRESETS = "quota-0.1,binary-0.1,quota-0.2,binary-0.2,quota-0.3,binary-0.3,paper,binary@paper"
 
 
+def _split_stride(name: str):
+    """``"quota-0.2/s16"`` -> ``("quota-0.2", 16)``; no suffix -> ``(name, None)`` (the preset's stride)."""
+    base, sep, tail = name.rpartition("/s")
+    if sep and tail.isdigit() and int(tail) > 0:
+        return base, int(tail)
+    return name, None
+
+
 def _known_method(name: str) -> bool:
+    name, _ = _split_stride(name)
     return name in PRESETS or (name.startswith("binary@") and name.split("@", 1)[1] in PRESETS)
 
 
@@ -52,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated token counts")
     p.add_argument("--presets", type=choice_list(_known_method, "presets"), default=DEFAULT_PRESETS,
                    help="comma-separated presets; 'binary@P' is keep/drop with its quota corrected to P's "
-                        "measured density")
+                        "measured density; a suffix '/sN' sets the estimator stride (e.g. 'quota-0.2/s16')")
     p.add_argument("--heads", type=positive_int, default=28)
     p.add_argument("--kv-heads", type=positive_int, default=4)
     p.add_argument("--head-dim", type=positive_int, default=128)
@@ -98,6 +107,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _config_for(name: str, measured: Dict[str, float], q: torch.Tensor, k: torch.Tensor) -> PSAConfig:
+    name, stride = _split_stride(name)
+    if stride is not None:
+        return _config_for(name, measured, q, k).replace(stride=stride)
     if name.startswith("binary@"):
         base = name.split("@", 1)[1]
         if base not in measured:
@@ -231,12 +243,14 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     if args.heads % args.kv_heads:
         raise CLIError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    for name in args.presets:
+    for full in args.presets:
+        name, stride = _split_stride(full)
         base = name.split("@", 1)[1] if name.startswith("binary@") else name
-        if name.startswith("binary@") and base not in args.presets[: args.presets.index(name)]:
-            raise CLIError(f"{name}: list preset {base!r} before it in --presets (its density is measured first)")
-        try:  # the Triton kernels' limits (head_dim <= 256)
-            check_config_for_backend(PSAConfig.preset(base), "triton", device="cuda", head_dim=args.head_dim)
+        if name.startswith("binary@") and base not in args.presets[: args.presets.index(full)]:
+            raise CLIError(f"{full}: list preset {base!r} before it in --presets (its density is measured first)")
+        try:  # the Triton kernels' limits (head_dim <= 256), a stride that divides the blocks
+            cfg = PSAConfig.preset(base) if stride is None else PSAConfig.preset(base, stride=stride)
+            check_config_for_backend(cfg, "triton", device="cuda", head_dim=args.head_dim)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
 

@@ -47,6 +47,7 @@ def _one_line_error(capsys, argv, prog, *needles):
         (["bench-attention", "--presets", "paper,nope"], ["unknown presets: nope"]),
         (["bench-attention", "--presets", "binary@paper"], ["list preset 'paper' before it"]),
         (["bench-attention", "--head-dim", "512"], ["head_dim=512"]),
+        (["bench-attention", "--presets", "quota-0.2/s24"], ["PSAConfig.stride=24 must divide"]),
         (["bench-attention", "--out", "/proc/x/a.csv"], ["--out"]),
         (["bench-prefill", "--reps", "0"], ["--reps"]),
         (["bench-prefill", "--methods", "dense,foo"], ["unknown methods: foo"]),
