@@ -17,6 +17,8 @@ import torch
 import psa_vlm
 from psa_vlm import PSAConfig
 
+from gpu_shapes import qwen3_vl_8b_text_config, video_like_embeds  # pytest puts this directory on sys.path
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -26,39 +28,22 @@ pytestmark = [
 SEQ = 32 * 1024 + 1000  # not a multiple of the block size
 N_LAYERS = 3
 HIDDEN = 4096
-FRAME_TOKENS = 256
 
 
 @pytest.fixture(scope="module")
 def text_model():
-    from transformers import Qwen3VLTextConfig, Qwen3VLTextModel
+    from transformers import Qwen3VLTextModel
 
-    config = Qwen3VLTextConfig(
-        vocab_size=4096, hidden_size=HIDDEN, intermediate_size=12288, num_hidden_layers=N_LAYERS,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-        rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
-        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-                         "mrope_interleaved": True},
-    )
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Qwen3VLTextModel(config).to(torch.bfloat16).eval()
+        model = Qwen3VLTextModel(qwen3_vl_8b_text_config(N_LAYERS)).to(torch.bfloat16).eval()
     model.config._attn_implementation_internal = "sdpa"
     return model
 
 
 @pytest.fixture(scope="module")
 def embeds():
-    g = torch.Generator(device="cuda").manual_seed(1)
-    frame = torch.randn(1, FRAME_TOKENS, HIDDEN, device="cuda", generator=g)
-    frames = []
-    for _ in range(-(-SEQ // FRAME_TOKENS)):
-        frame = 0.95 * frame + 0.3 * torch.randn(1, FRAME_TOKENS, HIDDEN, device="cuda", generator=g)
-        frames.append(frame)
-    x = torch.cat(frames, dim=1)[:, :SEQ]
-    x = 0.5 * (x + torch.roll(x, 1, dims=1))
-    x[:, -512:] = torch.randn(1, 512, HIDDEN, device="cuda", generator=g)
-    return (0.05 * x).to(torch.bfloat16)
+    return video_like_embeds(SEQ, HIDDEN, device="cuda")
 
 
 def _hidden(model, embeds):

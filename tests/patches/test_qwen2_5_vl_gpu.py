@@ -18,6 +18,8 @@ import torch
 import psa_vlm
 from psa_vlm import PSAConfig
 
+from gpu_shapes import qwen2_5_vl_7b_text_config, video_like_embeds  # pytest puts this directory on sys.path
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -26,26 +28,6 @@ pytestmark = [
 
 SEQ = 32 * 1024
 N_LAYERS = 3
-FRAME_TOKENS = 256
-
-
-def _text_config(n_layers: int = N_LAYERS):
-    from transformers import Qwen2_5_VLTextConfig
-
-    return Qwen2_5_VLTextConfig(
-        vocab_size=4096,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=n_layers,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        max_position_embeddings=128000,
-        rms_norm_eps=1e-6,
-        use_sliding_window=False,
-        bos_token_id=0,
-        eos_token_id=1,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +36,7 @@ def text_model():
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Qwen2_5_VLTextModel(_text_config()).to(torch.bfloat16).eval()
+        model = Qwen2_5_VLTextModel(qwen2_5_vl_7b_text_config(N_LAYERS)).to(torch.bfloat16).eval()
     model.set_attn_implementation("sdpa")
     return model
 
@@ -62,17 +44,7 @@ def text_model():
 @pytest.fixture(scope="module")
 def embeds():
     """``[1, SEQ, 3584]`` bf16: slowly drifting video frames, then 512 text-like tokens."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    n_frames = SEQ // FRAME_TOKENS
-    frame = torch.randn(1, FRAME_TOKENS, 3584, device="cuda", generator=g)
-    frames = []
-    for _ in range(n_frames):
-        frame = 0.95 * frame + 0.3 * torch.randn(1, FRAME_TOKENS, 3584, device="cuda", generator=g)
-        frames.append(frame)
-    x = torch.cat(frames, dim=1)
-    x = 0.5 * (x + torch.roll(x, 1, dims=1))  # neighbouring tokens alike (patches of one frame)
-    x[:, -512:] = torch.randn(1, 512, 3584, device="cuda", generator=g)
-    return (0.05 * x).to(torch.bfloat16)
+    return video_like_embeds(SEQ, 3584, device="cuda")
 
 
 def _hidden(model, embeds):
@@ -162,35 +134,3 @@ def test_short_prefill_is_bit_identical(text_model, embeds, reference):
         assert torch.equal(_hidden(text_model, short), ref)
     finally:
         psa_vlm.unpatch_qwen25vl(text_model)
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_device_map_two_gpus(embeds):
-    """Layers spread over two GPUs: per-layer state (token types, masks, statistics) on each layer's device."""
-    accelerate = pytest.importorskip("accelerate")
-    from transformers import Qwen2_5_VLTextModel
-
-    torch.manual_seed(0)
-    model = Qwen2_5_VLTextModel(_text_config(n_layers=4)).to(torch.bfloat16).eval()
-    model.set_attn_implementation("sdpa")
-    device_map = {"embed_tokens": 0, "rotary_emb": 0, "layers.0": 0, "layers.1": 0, "layers.2": 1, "layers.3": 1,
-                  "norm": 1}
-    model = accelerate.dispatch_model(model, device_map=device_map)
-    x = embeds[:, : 8 * 1024].to("cuda:0")
-    ref = _hidden(model, x)
-    psa_vlm.patch_qwen25vl(model, PSAConfig.preset("dense", min_seq_len=1024), backend="triton")
-    try:
-        out = _hidden(model, x)
-        stats = psa_vlm.psa_stats(model)
-    finally:
-        psa_vlm.unpatch_qwen25vl(model)
-    assert sorted(stats["layers"]) == [0, 1, 2, 3]
-    rel = (out.float() - ref.float()).norm() / ref.float().norm()
-    assert rel < 2e-2, float(rel)
-    psa_vlm.patch_qwen25vl(model, PSAConfig.preset("paper", min_seq_len=1024), backend="triton")
-    try:
-        out = _hidden(model, x)
-        assert torch.isfinite(out).all()
-        assert psa_vlm.psa_stats(model)["density"] < 1.0
-    finally:
-        psa_vlm.unpatch_qwen25vl(model)
