@@ -12,10 +12,14 @@
 #   prefill    psa-vlm bench-prefill, Qwen2.5-VL-7B-shaped (TTFT)
 #   prefill3   psa-vlm bench-prefill --arch qwen3_vl, Qwen3-VL-8B-shaped (TTFT)
 #   sweep      offline lmms-eval accuracy sweep of the shipped tiny model (needs the eval extra)
-#   dp         data-parallel lmms-eval (accelerate, one process per GPU) against a single process
-#   tests2     the two-GPU device_map tests alone
+#   dp         data-parallel lmms-eval (accelerate, one process per GPU) against a single process on one GPU, for
+#              qwen2_5_vl_psa (Qwen2.5-VL-7B-shaped random checkpoint) and qwen3_vl_psa (Qwen3-VL-8B-shaped)
+#   tests2     the two-GPU tests alone (tests/patches/test_multi_gpu.py: layers split over two GPUs with
+#              device_map, PSA on every layer, each backend, against the same model on one GPU)
+# Two GPUs: bash benchmarks/gpu_all.sh tests2 dp   (eval/results/MULTI_GPU.md)
 # Env: SEQ_LENS (attention), PREFILL_LENS, PREFILL3_LENS, ATTN_ARGS, PREFILL_ARGS, SWEEP_ARGS,
-#      OUT (a folder that receives copies of the result tables and logs).
+#      DP_LIMIT (documents, default 16), DP_LAYERS (decoder layers, default 4), DP_PRESET (default quota-0.2),
+#      DP_BACKEND (default auto), OUT (a folder that receives copies of the result tables and logs).
 # Results are appended to eval/results/*.csv (+ .md/.png) with the GPU name, versions and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +28,18 @@ parts="${*:-tests fa4 attention prefill}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 python3 -c "from psa_vlm.kernels.attention.fa4 import fa4_import_error as e; print('flash-attn-4:', e() or 'ok')"
+python3 - <<'PY'
+from importlib.metadata import PackageNotFoundError, version
+def v(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "-"
+print(" ".join(f"{n} {v(n)}" for n in ("accelerate", "lmms_eval", "flash-attn-4", "psa-vlm")))
+PY
+# PSA_VLM_COMMIT names the commit where the tree is a copy without .git (as psa_vlm.bench records it)
+echo "commit ${PSA_VLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}$(git status --porcelain \
+  --untracked-files=no 2>/dev/null | grep -q . && echo ' (+ local changes)')"
 rc=0
 for part in $parts; do
   case "$part" in
@@ -53,23 +69,37 @@ for part in $parts; do
         --model-args "$margs" --out eval/results/sweep-tiny-synth 2>&1 | grep -v "^INFO\|it/s\]" || rc=1
       if [ -n "${OUT:-}" ]; then tar -czf "$OUT/sweep.tar.gz" eval/results/sweep-tiny-synth; fi ;;
     dp)
-      # data-parallel lmms-eval (accelerate, one process per GPU) with the PSA model: a random model with
-      # Qwen2.5-VL-7B-shaped layers on the offline task, run once in one process and once over all GPUs;
-      # compare_dp.py checks every document came back once, PSA engaged and the densities agree
+      # data-parallel lmms-eval (accelerate, one process per GPU) with each PSA model: a random checkpoint with
+      # Qwen2.5-VL-7B-shaped (qwen2_5_vl_psa) and one with Qwen3-VL-8B-shaped (qwen3_vl_psa) layers on the offline
+      # task, run once in one process on GPU 0 and once data-parallel over all GPUs; compare_dp.py checks every
+      # document came back once, the answers are identical, PSA engaged and the densities agree
       export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HOME="${HF_HOME:-$(mktemp -d)}"
-      ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-      python3 benchmarks/make_7b_shaped.py /tmp/qwen7b_shaped --layers "${DP_LAYERS:-4}" || rc=1
+      ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+      if [ "${ngpu:-0}" -lt 2 ]; then echo "dp: needs at least 2 GPUs, found $ngpu"; rc=1; continue; fi
       python3 eval/tasks/psa_synth/utils.py psa_synth_long || rc=1
-      dargs="pretrained=/tmp/qwen7b_shaped,attn_implementation=sdpa,max_num_frames=128,min_pixels=3136,max_pixels=37632,preset=paper,min_seq_len=1024"
-      for np_ in 1 "$ngpu"; do
-        python3 -m accelerate.commands.launch --num_processes "$np_" $([ "$np_" -gt 1 ] && echo --multi_gpu) --main_process_port 29517 \
-          -m lmms_eval --model qwen2_5_vl_psa --model_args "$dargs" --tasks psa_synth_long --include_path eval/tasks \
-          --batch_size 1 --limit "${DP_LIMIT:-16}" --log_samples --output_path "/tmp/dp_$np_" 2>&1 \
-          | grep -v "^INFO\|it/s\]" | tail -15 || rc=1
-      done
-      python3 benchmarks/compare_dp.py /tmp/dp_1 "/tmp/dp_$ngpu" || rc=1 ;;
+      for spec in "qwen2_5_vl_psa qwen2_5_vl /tmp/qwen7b_shaped" "qwen3_vl_psa qwen3_vl /tmp/qwen3_8b_shaped"; do
+        read -r model arch ckpt <<< "$spec"
+        python3 benchmarks/make_7b_shaped.py "$ckpt" --arch "$arch" --layers "${DP_LAYERS:-4}" 2>&1 \
+          | grep -v "it/s\]" || { rc=1; continue; }
+        dargs="pretrained=$ckpt,attn_implementation=sdpa,max_num_frames=128,min_pixels=3136,max_pixels=37632"
+        dargs="$dargs,preset=${DP_PRESET:-quota-0.2},min_seq_len=1024,backend=${DP_BACKEND:-auto}"
+        for np_ in 1 "$ngpu"; do
+          out="/tmp/dp_${model}_$np_"
+          rm -rf "$out"
+          echo "== dp $model, $np_ process(es): --model_args $dargs"
+          # the single process sees GPU 0 only (lmms-eval's default device_map=auto would split it over all GPUs)
+          ( if [ "$np_" -eq 1 ]; then export CUDA_VISIBLE_DEVICES=0; fi
+            python3 -m accelerate.commands.launch --num_processes "$np_" $([ "$np_" -gt 1 ] && echo --multi_gpu) \
+              --main_process_port 29517 -m lmms_eval --model "$model" --model_args "$dargs" --tasks psa_synth_long \
+              --include_path eval/tasks --batch_size 1 --limit "${DP_LIMIT:-16}" --log_samples --output_path "$out" ) \
+            2>&1 | grep -v "^INFO\|it/s\]" | tail -15 || rc=1
+        done
+        python3 benchmarks/compare_dp.py "/tmp/dp_${model}_1" "/tmp/dp_${model}_$ngpu" --expect "${DP_LIMIT:-16}" \
+          || rc=1
+      done ;;
     tests2)
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/patches -k two_gpus 2>&1 | tail -5 || rc=1 ;;
+      python3 -m pytest -q -m gpu -p no:cacheprovider -rA --tb=short tests/patches/test_multi_gpu.py -k two_gpus 2>&1 \
+        | tail -60 || rc=1 ;;
     *) echo "unknown part $part"; rc=2 ;;
   esac
 done

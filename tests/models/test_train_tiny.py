@@ -120,9 +120,14 @@ def test_compare_dp_script(tmp_path):
     _samples(tmp_path / "two", [(1, "B", 0.7), (0, "A", 0.8)])
     _samples(tmp_path / "missing", [(0, "A", 0.8)])
     _samples(tmp_path / "drift", [(0, "A", 0.8), (1, "B", 0.9)])
-    run = lambda a, b: subprocess.run([sys.executable, str(script), str(tmp_path / a), str(tmp_path / b)],
-                                      capture_output=True, text=True)
-    ok = run("one", "two")
-    assert ok.returncode == 0 and "PASS" in ok.stdout
+    _samples(tmp_path / "answer", [(0, "A", 0.8), (1, "C", 0.7)])
+    run = lambda a, b, *extra: subprocess.run([sys.executable, str(script), str(tmp_path / a), str(tmp_path / b),
+                                               *extra], capture_output=True, text=True)
+    ok = run("one", "two", "--expect", "2")
+    assert ok.returncode == 0 and "dp check ?: PASS" in ok.stdout and "FAIL" not in ok.stdout, ok.stdout
     assert run("one", "missing").returncode == 1
     assert run("one", "drift").returncode == 1
+    assert run("one", "two", "--expect", "3").returncode == 1  # fewer documents than --limit asked for
+    differ = run("one", "answer")
+    assert differ.returncode == 1 and "responses: FAIL - identical 1/2; differ on documents [1]" in differ.stdout
+    assert run("one", "answer", "--allow-response-diffs").returncode == 0
