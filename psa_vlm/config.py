@@ -87,7 +87,15 @@ class PSAConfig:
             Only the entries of enabled factors are used; the tuple always has four entries.
         quotas: Fractions of the causally visible KV blocks of a row at factors (1, 2, 4, 8) (quota mode),
             each in [0, 1], summing to at most 1. Forced full-resolution blocks count against the factor-1 quota.
-        stride: Antidiagonal stride ``s`` of the importance estimator.
+        stride: Antidiagonal stride ``s`` of the importance estimator (PSA_SPEC step 3): each reduced row
+            scores ``s`` queries against groups of ``s`` keys. Its cost falls with ``s``: for causal inputs the
+            estimator does ``1/(2*s)`` of dense attention's FLOPs (1/16 at the default 8, 1/32 at 16) and its
+            score matrix has ``(Lq/s) * (Lk/s)`` entries. Supported: any ``s`` dividing ``block_q`` and
+            ``block_k``, on every backend; 4, 8 and 16 are tested on the default 128 x 128 blocks. ``16`` is
+            the cheaper estimator of issue #12 (coarser estimates); its fidelity against 8 on the tiny model
+            is measured in ``eval/results/FIDELITY.md`` ("Cheaper estimator: stride 16"). Set it with
+            ``PSAConfig.preset(name, stride=16)``, ``"stride": 16`` in a JSON config (``--psa-config``) or
+            ``stride=16`` in the lmms-eval ``--model_args``.
         sim_thresholds: Similarity-cap thresholds for factors (2, 4, 8), or ``None`` to disable the cap.
         min_seq_len: Prefills with fewer query tokens than this run dense attention.
         text_tail: Without token types, the last ``text_tail`` tokens count as text.

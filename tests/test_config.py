@@ -50,6 +50,8 @@ def test_frozen_and_override():
         (dict(pool_factors=(3,)), "pool_factors"),
         (dict(pool_factors=(2, 2)), "pool_factors"),
         (dict(block_k=12, stride=4), "block_k"),
+        (dict(stride=256), "stride"),  # larger than the 128-token blocks
+        (dict(block_q=64, block_k=40, stride=16), "stride"),
         (dict(mode="topk"), "mode"),
         (dict(thresholds=(0.9, 0.8, 0.9, 0.9)), "thresholds"),
         (dict(thresholds=(0.0, 0.8, 0.9, 0.9)), "thresholds"),
@@ -107,6 +109,22 @@ def test_hand_written_json_config_starts_from_a_preset(tmp_path):
     c = PSAConfig.load(path)
     assert c.pool_factors == () and c.quotas == (0.2, 0.0, 0.0, 0.0) and c.block_q == 32
     assert c.for_layer(1).dense and not c.for_layer(0).dense
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_estimator_strides_on_default_blocks(tmp_path, stride):
+    """Strides 4, 8 (default) and 16 are supported options on the default 128 x 128 blocks, in code, presets
+    and JSON (16: the cheaper estimator of issue #12; its fidelity is in eval/results/FIDELITY.md)."""
+    for name in ("paper", "quota-0.2", "binary-0.2"):
+        c = PSAConfig.preset(name, stride=stride)
+        assert (c.block_q, c.block_k, c.stride) == (128, 128, stride)
+        path = tmp_path / f"{name}-s{stride}.json"
+        c.save(path)
+        assert PSAConfig.load(path) == c
+    path = tmp_path / "hand.json"
+    path.write_text(f'{{"preset": "quota-0.3", "stride": {stride}}}')
+    assert PSAConfig.load(path) == PSAConfig.preset("quota-0.3", stride=stride)
+    assert PSAConfig(layer_overrides={0: {"stride": stride}}).for_layer(0).stride == stride
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,13 @@ CASES = [
     (1, 4, 2, 100, 129, 16, 32, 32, 8, torch.float32),
     (1, 4, 2, 57, 70, 16, 12, 24, 4, torch.float32),  # bq/s = 3, bk/s = 6: padded tile columns
     (1, 3, 1, 40, 40, 20, 16, 16, 4, torch.float16),  # D not a power of two
+    # the default 128 x 128 blocks at the strides PSAConfig offers besides 8 (see PSAConfig.stride)
+    (1, 4, 2, 300, 300, 16, 128, 128, 16, torch.float32),  # bq/s = 8 rows, 16 pairs per item on the GPU
+    (2, 6, 2, 200, 333, 16, 128, 128, 16, torch.float16),  # s 16: Lq < Lk, batch 2, GQA 3, ragged tails
+    (1, 2, 1, 150, 150, 16, 128, 128, 4, torch.float32),  # s 4: bq/s = 32 rows, one pair per item
+    (1, 4, 1, 97, 97, 24, 32, 64, 16, torch.float32),  # s 16: bq/s = 2, bk/s = 4, D 24 (not a power of two)
+    (1, 3, 1, 100, 150, 16, 16, 32, 16, torch.float32),  # s = bq: one reduced row per query block
+    (1, 4, 2, 70, 100, 16, 48, 48, 16, torch.float32),  # s 16: bq/s = bk/s = 3, padded tile columns
 ]
 
 
@@ -75,19 +82,20 @@ def test_matches_reference(poisoned, B, Hq, Hkv, Lq, Lk, D, bq, bk, s, dtype):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("s,bq,bk", [(4, 16, 16), (16, 32, 32)])
 @pytest.mark.parametrize(
     "cfg",
     [
         dict(PROGRAMS=1),  # one persistent program walks every item (scratch reused)
-        dict(PROGRAMS=5, ROWS=64, BN=32),  # pair groups straddle query blocks; 2 KV blocks per key tile
+        dict(PROGRAMS=5, ROWS=64, BN=32),  # pair groups straddle query blocks; several KV blocks per key tile
         dict(FLAT=True, BKD=16),  # flattened loop, D in 2 chunks
         dict(ROWS=2, NJ=16),  # a query block taller than ROWS: one pair per item, BM > ROWS
     ],
 )
-def test_tile_and_schedule_paths(poisoned, overrides, cfg):
+def test_tile_and_schedule_paths(poisoned, overrides, cfg, s, bq, bk):
     overrides(**cfg)
     q, k = rand((2, 6, 90, 32), torch.float32), rand((2, 2, 130, 32), torch.float32)
-    check(q, k, 16, 16, 4, scale=0.3)
+    check(q, k, bq, bk, s, scale=0.3)
 
 
 def test_strided_inputs(poisoned):
@@ -124,14 +132,15 @@ def test_errors():
 
 # ---------------------------------------------------------------------------------------------- GPU tier
 @pytest.mark.gpu
+@pytest.mark.parametrize("s", [8, 16])
 @pytest.mark.parametrize("Lq,Lk", [(8192, 8192), (8192 - 1000 - 3, 8192), (12288 + 77, 12288 + 77)])
-def test_gpu_bf16_qwen_shapes(Lq, Lk):
+def test_gpu_bf16_qwen_shapes(Lq, Lk, s):
     from psa_vlm.bench.synthetic import video_like_qkv
 
     q, k, _ = video_like_qkv(1, 28, 4, Lk, 128, dtype=torch.bfloat16, device="cuda", seed=None)
     q = q[:, :, Lk - Lq :]
-    got = block_importance(q, k, block_q=128, block_k=128, stride=8)
-    ref = block_importance_ref(q.float(), k.float(), block_q=128, block_k=128, stride=8)
+    got = block_importance(q, k, block_q=128, block_k=128, stride=s)
+    ref = block_importance_ref(q.float(), k.float(), block_q=128, block_k=128, stride=s)
     assert torch.isfinite(got).all()
     # bf16 products are exact in float32: only the summation order differs from the float32 reference
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4

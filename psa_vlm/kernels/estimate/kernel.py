@@ -8,10 +8,11 @@ probabilities are summed per (query block, KV block). Output float32 ``[B, Hq, n
 
 Work items: the (query block, query head) *pairs* of one (batch, KV head), ordered query-block-major, in
 groups of ``PP = ROWS // (bq/s)`` consecutive pairs (``ROWS`` = 128 on the GPU: 8 pairs x 16 reduced rows
-for bq 128, s 8). An item stacks its pairs' reduced rows (``PP * bq/s``, padded to a power of two ``BM``) as
-the M dimension: every key tile it loads serves up to ``PP`` query heads of the KV group (no ``repeat_kv``),
-and with Qwen2.5-VL's 7 heads per KV head no MMA row is wasted (stacking one query block's 7 heads would
-fill 112 of 128 rows). A group may straddle two query blocks; each row carries its own causal limit.
+for bq 128, s 8; 16 pairs x 8 rows at s 16; 4 pairs x 32 rows at s 4). An item stacks its pairs' reduced rows
+(``PP * bq/s``, padded to a power of two ``BM``) as the M dimension: every key tile it loads serves up to
+``PP`` query heads of the KV group (no ``repeat_kv``), and with Qwen2.5-VL's 7 heads per KV head no MMA row is
+wasted (stacking one query block's 7 heads would fill 112 of 128 rows). A group may straddle query blocks (up
+to four at s 16 with 7 heads per KV head); each row carries its own causal limit.
 
 Grid: persistent, ``min(2 * SMs, max(SMs, _SCRATCH_BYTES / (BM * nk * 4)))`` programs; program ``p`` takes
 items in snake order (round ``r``: item ``r*P + p`` or ``r*P + P-1-p``) over items sorted heaviest first,
@@ -33,15 +34,18 @@ Tiles (GPU default, chosen on an H200, see ``NOTES_stages.md``): ``BM`` 128 x ``
 ``BKD`` 64, 8 warps, 3 stages (wgmma, cp.async pipeline, one CTA per SM). ``KPB = bk/s`` reduced keys per
 KV block occupy ``KPB_P2 = next_pow2(KPB)`` tile columns (padding columns masked).
 
-Cost: ``Lq * Lk * Hq * D / s`` FLOPs for causal inputs (``1/(2s)`` of dense causal attention's). Every key
-tile re-reads the item's Q slice (``BM * s * D`` elements) from L2: ``(BM + BN) * s * D * 2`` bytes per
-``2 * BM * BN * s * D`` FLOPs (85 FLOP/B). Measured on an H200: ~345 TFLOP/s, 10.9% of dense SDPA time at 64k;
-latency-bound (Nsight Compute: L2 36%, SM 40% of peak, L2 hit rate 64%; one CTA per SM), see
+Cost: ``Lq * Lk * Hq * D / s`` FLOPs for causal inputs (``1/(2s)`` of dense causal attention's). Every key tile
+re-reads the item's Q slice (``BM * s * D`` elements) from L2: ``(BM + BN) * s * D * 2`` bytes per
+``2 * BM * BN * s * D`` FLOPs (85 FLOP/B). Measured on an H200 at s 8: ~345 TFLOP/s, 10.9% of dense SDPA time
+at 64k; latency-bound (Nsight Compute: L2 36%, SM 40% of peak, L2 hit rate 64%; one CTA per SM), see
 ``NOTES_stages.md``.
 
-Limits: ``bq``, ``bk`` multiples of ``s``; float16, bfloat16, float32 inputs (float32 dots in IEEE precision);
-any strides (copied only if the last dimension is not contiguous). Under ``TRITON_INTERPRET=1`` bfloat16
-tiles are upcast to float32 after loading (the interpreter's bfloat16 arithmetic is wrong).
+Limits: ``bq``, ``bk`` multiples of ``s``, any such ``s`` (the CPU tests compare with the reference at s 4, 8
+and 16, s 4 and 16 on 128 x 128 blocks too; the GPU tier at s 8 and 16 on Qwen2.5-VL-7B shapes, where the
+``s * D`` = 2048-deep reduction of s 16 takes ``s * D / BKD`` = 32 steps); float16, bfloat16, float32 inputs
+(float32 dots in IEEE precision); any strides (copied only if the last dimension is not contiguous). Under
+``TRITON_INTERPRET=1`` bfloat16 tiles are upcast to float32 after loading (the interpreter's bfloat16
+arithmetic is wrong).
 """
 
 from __future__ import annotations
