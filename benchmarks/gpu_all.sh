@@ -8,6 +8,7 @@
 #   fa4        benchmarks/devcheck_fa4.py: the FlashAttention-4 attend stage level by level, hybrid variants,
 #              new-length compile cost
 #   stages     benchmarks/devcheck_stages.py: pool / estimate / assign against their references, timed
+#   lengths    benchmarks/devcheck_lengths.py: a new prompt length does not recompile the kernels (BACKEND=triton|fa4)
 #   attention  psa-vlm bench-attention (every dense baseline, every stage, checked in the same run)
 #   prefill    psa-vlm bench-prefill, Qwen2.5-VL-7B-shaped (TTFT)
 #   prefill3   psa-vlm bench-prefill --arch qwen3_vl, Qwen3-VL-8B-shaped (TTFT)
@@ -47,6 +48,9 @@ for part in $parts; do
       python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore::DeprecationWarning tests 2>&1 | tail -25 || rc=1 ;;
     fa4)
       python3 benchmarks/devcheck_fa4.py ${OUT:+--out "$OUT"} 2>&1 | grep -v "Warning" || rc=1 ;;
+    lengths)
+      python3 benchmarks/devcheck_lengths.py --backend "${BACKEND:-triton}" ${OUT:+--out "$OUT"} 2>&1 \
+        | grep -v "Warning" || rc=1 ;;
     stages)
       python3 benchmarks/devcheck_stages.py ${OUT:+--out "$OUT"} 2>&1 | tail -30 || rc=1 ;;
     attention)

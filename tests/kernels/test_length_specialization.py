@@ -18,6 +18,7 @@ SCRIPT = r"""
 import json
 from psa_vlm.kernels.assign import kernel as assign_kernel
 from psa_vlm.kernels.attention import fa4, kernel as attention_kernel
+from psa_vlm.kernels.estimate import kernel as estimate_kernel
 from psa_vlm.kernels.pool import kernel as pool_kernel
 cases = {
     "attention": (attention_kernel._psa_fwd_kernel, attention_kernel._LENGTH_ARGS),
@@ -25,6 +26,7 @@ cases = {
     "merge": (fa4._merge_kernel, fa4._MERGE_LENGTH_ARGS),
     "pool": (pool_kernel._pool_kernel, pool_kernel._LENGTH_ARGS),
     "assign": (assign_kernel._assign_kernel, assign_kernel._LENGTH_ARGS),
+    "estimate": (estimate_kernel._estimate_kernel, estimate_kernel._LENGTH_ARGS),
 }
 out = {}
 for key, (kern, names) in cases.items():
@@ -41,6 +43,7 @@ REQUIRED = {
     "merge": {"Lq", "stride_lh", "stride_uh"},
     "pool": {"nkf", "stride_ch"},
     "assign": {"nq", "nk", "lq", "lk", "stride_sq"},
+    "estimate": {"Lq", "Lk", "nk", "Rq", "n_pairs", "n_pg", "n_items", "stride_oq"},
 }
 
 

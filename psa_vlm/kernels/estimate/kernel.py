@@ -281,7 +281,13 @@ def _estimate_item(
     tl.debug_barrier()  # the next item of this program overwrites the scratch
 
 
-@triton.jit
+#: Integer arguments that change with the sequence length: not specialised by Triton (no recompilation when a
+#: new length is, or is not, a multiple of 16). The scratch row pitch is ``nk`` rounded up to 16 instead, so its
+#: divisibility (aligned scratch rows) holds at every length. Measured cost of a new length: docs/PERFORMANCE.md.
+_LENGTH_ARGS = ("stride_ob", "stride_oh", "stride_oq", "Lq", "Lk", "nk", "Rq", "n_pairs", "n_pg", "n_items")
+
+
+@triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _estimate_kernel(
     q_ptr,
     k_ptr,
@@ -308,6 +314,7 @@ def _estimate_kernel(
     G,
     NB,
     qk_scale,  # scale / s * log2(e)
+    pitch,  # scratch row pitch: nk rounded up to a multiple of 16
     S: tl.constexpr,
     RB: tl.constexpr,  # bq / s reduced rows per query block
     PP: tl.constexpr,  # pairs stacked per item
@@ -325,8 +332,8 @@ def _estimate_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    # the program's scratch slot: [BM, nk] float32
-    scr_rows = scr_ptr + pid.to(tl.int64) * (BM * nk) + tl.arange(0, BM).to(tl.int64) * nk
+    # the program's scratch slot: [BM, nk] float32 in rows of `pitch` elements
+    scr_rows = scr_ptr + pid.to(tl.int64) * (BM * pitch) + tl.arange(0, BM).to(tl.int64) * pitch
     # persistent snake schedule over items sorted heaviest first: equal work per program
     for rnd in range(0, tl.cdiv(n_items, nprog)):
         item = rnd * nprog + tl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
@@ -434,14 +441,15 @@ def block_importance(
     n_items = n_pg * B * Hkv
     # persistent grid: up to two programs per SM, each with a [BM, nk] float32 scratch slot (bounded by
     # _SCRATCH_BYTES, but at least one program per SM)
-    per_prog = BM * nk * 4
+    pitch = cdiv(nk, 16) * 16
+    per_prog = BM * pitch * 4
     if cfg["PROGRAMS"]:
         programs = cfg["PROGRAMS"]
     else:
         n_sm = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
         programs = min(2 * n_sm, max(n_sm, _SCRATCH_BYTES // per_prog))
     programs = max(1, min(programs, n_items))
-    scratch = torch.empty(programs * BM * nk, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(programs * BM * pitch, dtype=torch.float32, device=q.device)
     upcast = interpret and q.dtype == torch.bfloat16
     dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     _estimate_kernel[(programs,)](
@@ -464,6 +472,7 @@ def block_importance(
         G,
         B * Hkv,
         float(scale) / s * _LOG2E,
+        pitch,
         S=s,
         RB=RB,
         PP=PP,
