@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import PRESETS, PSAConfig
-from .common import append_csv, binary_config_at_density, environment, median_ms, write_markdown
+from .common import append_csv, binary_config_at_density, split_stride, environment, median_ms, write_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,8 @@ MD_COLUMNS = [
 DEFAULT_PRESETS = "quota-0.1,binary-0.1,quota-0.2,binary-0.2,quota-0.3,binary-0.3,paper,binary@paper"
 
 
-def _split_stride(name: str):
-    """``"quota-0.2/s16"`` -> ``("quota-0.2", 16)``; no suffix -> ``(name, None)`` (the preset's stride)."""
-    base, sep, tail = name.rpartition("/s")
-    if sep and tail.isdigit() and int(tail) > 0:
-        return base, int(tail)
-    return name, None
-
-
 def _known_method(name: str) -> bool:
-    name, _ = _split_stride(name)
+    name, _ = split_stride(name)
     return name in PRESETS or (name.startswith("binary@") and name.split("@", 1)[1] in PRESETS)
 
 
@@ -107,7 +99,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _config_for(name: str, measured: Dict[str, float], q: torch.Tensor, k: torch.Tensor) -> PSAConfig:
-    name, stride = _split_stride(name)
+    name, stride = split_stride(name)
     if stride is not None:
         return _config_for(name, measured, q, k).replace(stride=stride)
     if name.startswith("binary@"):
@@ -244,7 +236,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.heads % args.kv_heads:
         raise CLIError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     for full in args.presets:
-        name, stride = _split_stride(full)
+        name, stride = split_stride(full)
         base = name.split("@", 1)[1] if name.startswith("binary@") else name
         if name.startswith("binary@") and base not in args.presets[: args.presets.index(full)]:
             raise CLIError(f"{full}: list preset {base!r} before it in --presets (its density is measured first)")

@@ -119,3 +119,12 @@ def binary_config_at_density(
         quota = min(max(quota + (target - measured), 0.0), 1.0)
     assert best is not None
     return best
+
+
+def split_stride(name: str) -> Tuple[str, Optional[int]]:
+    """A benchmark method name with an optional estimator-stride suffix: ``"quota-0.2/s16"`` ->
+    ``("quota-0.2", 16)``; without a suffix ``(name, None)`` (the preset's own stride, 8)."""
+    base, sep, tail = name.rpartition("/s")
+    if sep and tail.isdigit() and int(tail) > 0:
+        return base, int(tail)
+    return name, None

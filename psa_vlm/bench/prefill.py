@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..config import PRESETS, PSAConfig
-from .common import append_csv, environment, write_markdown
+from .common import append_csv, environment, split_stride, write_markdown
 from .synthetic import video_like_embeddings
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ ARCHS: Dict[str, Dict[str, Any]] = {
 
 
 def _known_method(name: str) -> bool:
+    name, _ = split_stride(name)
     base = name.split("@", 1)[1] if name.startswith("binary@") else name
     return name == "dense" or base in PRESETS
 
@@ -96,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-lens", type=positive_int_list, default=None,
                    help="comma-separated prompt lengths (default: 16k-128k for qwen2_5_vl, 32k-256k for qwen3_vl)")
     p.add_argument("--methods", type=choice_list(_known_method, "methods"), default=DEFAULT_METHODS,
-                   help="'dense' (unpatched SDPA), PSA presets, or 'binary@P' (keep/drop at P's measured density)")
+                   help="'dense' (unpatched SDPA), PSA presets, or 'binary@P' (keep/drop at P's measured density); "
+                        "a suffix '/sN' sets the estimator stride (e.g. 'quota-0.2/s16')")
     p.add_argument("--model", type=existing_dir, default=None,
                    help="local checkpoint of any supported family (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe) "
                         "instead of random weights; prompts are real video tokens through its processor")
@@ -118,9 +120,17 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Checks across arguments, at parse time (``psa_vlm.cli``)."""
     from ..cli import CLIError
 
-    for i, m in enumerate(args.methods):
+    for i, full in enumerate(args.methods):
+        m, stride = split_stride(full)
         if m.startswith("binary@") and m.split("@", 1)[1] not in args.methods[:i]:
-            raise CLIError(f"{m}: list {m.split('@', 1)[1]!r} before it in --methods (its density is measured first)")
+            raise CLIError(f"{full}: list {m.split('@', 1)[1]!r} before it in --methods (its density is measured first)")
+        if stride is not None:
+            if m == "dense":
+                raise CLIError(f"{full}: 'dense' has no estimator stride")
+            try:
+                PSAConfig.preset("paper", stride=stride)
+            except ValueError as exc:
+                raise CLIError(str(exc)) from None
 
 
 def arch_config(arch: str, layers: Optional[int] = None, **text_overrides: Any) -> Any:
@@ -338,9 +348,10 @@ def main(args: argparse.Namespace) -> int:
                 r.update(dense_ttft_s=dense_t, fastest_dense=fastest, speedup=dense_t / r["ttft_s"],
                          speedup_vs_sdpa=sdpa_t / r["ttft_s"], sdpa_ttft_s=sdpa_t)
         measured: Dict[str, float] = {}
-        for m in methods:
-            if m == "dense":
+        for full in methods:
+            if full == "dense":
                 continue
+            m, stride = split_stride(full)
             if m.startswith("binary@"):
                 base = m.split("@", 1)[1]
                 if base not in measured:
@@ -352,6 +363,8 @@ def main(args: argparse.Namespace) -> int:
                     cfg = PSAConfig.preset(m)
                 except ValueError as exc:
                     raise CLIError(str(exc)) from None
+            if stride is not None:
+                cfg = cfg.replace(stride=stride)
             patch(model, cfg.replace(min_seq_len=1024), backend=backend)
             prefill(model, embeds)  # warm-up / compile
             torch.cuda.reset_peak_memory_stats()
@@ -360,12 +373,12 @@ def main(args: argparse.Namespace) -> int:
             st = psa_stats(model)
             d = st["density"]
             if d is None:
-                raise CLIError(f"{m}: PSA did not run in the prefill of {L} tokens (see the log)")
-            measured[m] = d
+                raise CLIError(f"{full}: PSA did not run in the prefill of {L} tokens (see the log)")
+            measured[full] = d
             t = _time(lambda: prefill(model, embeds), args.reps)
             unpatch(model)
             ok = dense_ok and bool(torch.isfinite(logits).all())
-            rows.append(dict(seq_len=L, method=m, backend=backend, density=d, ttft_s=t, dense_ttft_s=dense_t,
+            rows.append(dict(seq_len=L, method=full, backend=backend, density=d, ttft_s=t, dense_ttft_s=dense_t,
                              fastest_dense=fastest, speedup=(dense_t / t) if ok else "",
                              speedup_vs_sdpa=(sdpa_t / t) if ok else "", sdpa_ttft_s=sdpa_t,
                              dense_guard_layers=st.get("dense_guard_layers", 0), peak_mem_gb=peak,
@@ -373,7 +386,7 @@ def main(args: argparse.Namespace) -> int:
                              mem_over_dense_pct=100 * (peak / dense_peak - 1), attn_share_dense=share,
                              ceiling=1 / ((1 - share) + share * d), check="pass" if ok else "FAIL",
                              check_err=check_err))
-            logger.info("L=%d %s: density %.3f TTFT %.3f s (x%.2f), peak %.1f GB", L, m, d, t, dense_t / t, peak)
+            logger.info("L=%d %s: density %.3f TTFT %.3f s (x%.2f), peak %.1f GB", L, full, d, t, dense_t / t, peak)
         del embeds
         torch.cuda.empty_cache()
         logger.info("L=%d done in %.0f s", L, time.time() - t_len)

@@ -51,6 +51,8 @@ def _one_line_error(capsys, argv, prog, *needles):
         (["bench-attention", "--out", "/proc/x/a.csv"], ["--out"]),
         (["bench-prefill", "--reps", "0"], ["--reps"]),
         (["bench-prefill", "--methods", "dense,foo"], ["unknown methods: foo"]),
+        (["bench-prefill", "--methods", "dense,quota-0.2/s24"], ["PSAConfig.stride=24 must divide"]),
+        (["bench-prefill", "--methods", "dense/s16"], ["'dense' has no estimator stride"]),
         (["bench-prefill", "--model", "/nonexistent/dir"], ["--model"]),
         (["eval-sweep", "--limit", "-1"], ["--limit"]),
         (["eval-sweep", "--bootstrap-iters", "-2"], ["--bootstrap-iters"]),
