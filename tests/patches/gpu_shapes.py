@@ -96,3 +96,11 @@ def hidden_states(model: torch.nn.Module, embeds: torch.Tensor) -> torch.Tensor:
     """The last hidden state of a prefill of ``embeds`` (no cache)."""
     with torch.no_grad():
         return model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+
+
+def lm_head_logits(hidden: torch.Tensor, seed: int = 2, vocab: int = VOCAB, last: int = 1024) -> torch.Tensor:
+    """Logits of a fixed random LM head (``vocab`` rows, seeded on ``hidden``'s device) for the last ``last``
+    positions of ``hidden`` (a real model's head would not fit beside a 32k-token prefill)."""
+    g = torch.Generator(device=hidden.device).manual_seed(seed)
+    head = torch.randn(vocab, hidden.shape[-1], device=hidden.device, generator=g).to(hidden.dtype)
+    return hidden[:, -last:] @ (head * hidden.shape[-1] ** -0.5).T

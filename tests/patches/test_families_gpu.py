@@ -17,7 +17,9 @@ import torch
 import psa_vlm
 from psa_vlm import PSAConfig
 
-from gpu_shapes import qwen3_vl_8b_text_config, video_like_embeds  # pytest puts this directory on sys.path
+from gpu_shapes import build_text_model, video_like_embeds  # pytest puts this directory on sys.path
+from gpu_shapes import hidden_states as _hidden
+from gpu_shapes import lm_head_logits as _logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,30 +34,12 @@ HIDDEN = 4096
 
 @pytest.fixture(scope="module")
 def text_model():
-    from transformers import Qwen3VLTextModel
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen3VLTextModel(qwen3_vl_8b_text_config(N_LAYERS)).to(torch.bfloat16).eval()
-    model.config._attn_implementation_internal = "sdpa"
-    return model
+    return build_text_model("qwen3_vl", N_LAYERS)
 
 
 @pytest.fixture(scope="module")
 def embeds():
     return video_like_embeds(SEQ, HIDDEN, device="cuda")
-
-
-def _hidden(model, embeds):
-    with torch.no_grad():
-        return model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-
-
-def _logits(hidden, seed=2, vocab=4096):
-    """Logits of a fixed random LM head for the last 1024 positions."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    head = torch.randn(vocab, hidden.shape[-1], device="cuda", generator=g).to(hidden.dtype) * hidden.shape[-1] ** -0.5
-    return hidden[:, -1024:] @ head.T
 
 
 @pytest.fixture(scope="module")

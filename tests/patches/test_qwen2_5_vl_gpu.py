@@ -18,7 +18,9 @@ import torch
 import psa_vlm
 from psa_vlm import PSAConfig
 
-from gpu_shapes import qwen2_5_vl_7b_text_config, video_like_embeds  # pytest puts this directory on sys.path
+from gpu_shapes import build_text_model, video_like_embeds  # pytest puts this directory on sys.path
+from gpu_shapes import hidden_states as _hidden
+from gpu_shapes import lm_head_logits as _logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,31 +34,13 @@ N_LAYERS = 3
 
 @pytest.fixture(scope="module")
 def text_model():
-    from transformers import Qwen2_5_VLTextModel
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen2_5_VLTextModel(qwen2_5_vl_7b_text_config(N_LAYERS)).to(torch.bfloat16).eval()
-    model.set_attn_implementation("sdpa")
-    return model
+    return build_text_model("qwen2_5_vl", N_LAYERS)
 
 
 @pytest.fixture(scope="module")
 def embeds():
     """``[1, SEQ, 3584]`` bf16: slowly drifting video frames, then 512 text-like tokens."""
     return video_like_embeds(SEQ, 3584, device="cuda")
-
-
-def _hidden(model, embeds):
-    with torch.no_grad():
-        return model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-
-
-def _logits(hidden, seed=2, vocab=4096):
-    """Logits of a fixed random LM head for the last 1024 positions (the 7B head would not fit at 32k)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    head = torch.randn(vocab, hidden.shape[-1], device="cuda", generator=g).to(hidden.dtype) * hidden.shape[-1] ** -0.5
-    return hidden[:, -1024:] @ head.T
 
 
 @pytest.fixture(scope="module")
