@@ -10,7 +10,8 @@ For each length, video-like bf16 Q/K/V at Qwen2.5-VL-7B attention shapes (Hq 28,
 2. for quota-0.1/0.2/0.3 and binary-0.2 plans (Triton pool/estimate/assign): correctness of the fa4 attend stage
    against the float32 reference on three query blocks, then medians of the Triton attend stage, the fa4 attend
    stage, each fa4 level launch alone and the merge; ideal = density x cuDNN dense;
-3. import, first-compile and new-length costs of the fa4 path.
+3. import and first-compile costs of the fa4 path (new-length costs: ``benchmarks/devcheck_lengths.py
+   --backend fa4``).
 Prints a table last and writes ``$OUT/devcheck_fa4.json``.
 
 This is a command-line report: it writes to stdout by design.
@@ -180,22 +181,6 @@ def main() -> int:
                 f"{min(dense.values()):.2f}")
             results.append(dict(L=L, preset="paper", density=plan2.level_map.density(), guard=plan.dense_reason,
                                 whole_guard_ms=w, whole_noguard_ms=w2, **dense))
-        # new-length cost: Triton would specialise integer arguments on divisibility by 16 (and == 1); the kernels
-        # exclude their length-derived arguments (do_not_specialize), so no new length may compile again: lengths
-        # with L % 16 = 8, odd, and block counts of every residue class follow the first length
-        if L == args.lengths[0]:
-            cfg = PSAConfig.preset("quota-0.2")
-            for L2 in (L + 1000, L + 1003, L + 3000, L + 130):
-                q2, k2, v2 = video_like_qkv(1, 28, 4, L2, 128, dtype=torch.bfloat16, device="cuda", seed=L2)
-                torch.cuda.synchronize()
-                t1 = time.time()
-                run_psa(q2, k2, v2, cfg, backend="fa4")
-                torch.cuda.synchronize()
-                t_new = time.time() - t1
-                w = bench(lambda: run_psa(q2, k2, v2, cfg, backend="fa4"))
-                say(f"  new length {L2}: first call {t_new * 1e3:.1f} ms vs steady {w:.2f} ms")
-                results.append(dict(L=L2, preset="new-length", first_call_ms=t_new * 1e3, steady_ms=w))
-                del q2, k2, v2
         del q, k, v
         torch.cuda.empty_cache()
     if args.out:

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root::
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/devcheck_lengths.py [--backend triton|fa4] [--out DIR]
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/devcheck_lengths.py [--backend auto|triton|fa4] [--out DIR]
 
 Warms the whole ``psa_attention`` call (quota-0.2, Qwen2.5-VL-7B attention shapes, video-like bf16 inputs) at
 the first length, then calls it once at each further length (residues mod 16 and block counts of every class,
@@ -26,7 +26,7 @@ import torch
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="triton", choices=("triton", "fa4"))
+    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "fa4"))
     ap.add_argument("--lengths", type=int, nargs="+",
                     default=[65536, 66536, 66539, 68536, 65666, 70001, 100000, 131072 + 3000])
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -34,12 +34,13 @@ def main() -> int:
     import triton
 
     from psa_vlm import PSAConfig
-    from psa_vlm.api import run_psa
+    from psa_vlm.api import resolve_backend, run_psa
     from psa_vlm.bench.synthetic import video_like_qkv
     from psa_vlm.kernels.attention import naive
     from psa_vlm.kernels.pool.naive import pyramid_pool
 
     cfg = PSAConfig.preset("quota-0.2")
+    args.backend = resolve_backend(args.backend)  # on the current CUDA device; the name recorded in the output
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
           "backend", args.backend, "commit", os.environ.get("PSA_VLM_COMMIT", "?"), flush=True)
     rows, ok_all, seen_pow2 = [], True, set()
