@@ -20,6 +20,7 @@ stages whose correctness check passed in the same run. Not imported by the libra
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -70,16 +71,24 @@ def check_estimate(dev: torch.device, L: int) -> bool:
 
     q, k, _ = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device=dev, seed=int(time.time()) % 1000)
     ok = True
-    for lq, bq, bk, s in ((L, 128, 128, 8), (L - 1000 - 3, 128, 128, 8), (L - 77, 64, 128, 4)):
+    from psa_vlm.kernels.estimate import kernel as est
+
+    for (lq, bq, bk, s), gemm, layout in itertools.product(
+            ((L, 128, 128, 8), (L - 1000 - 3, 128, 128, 8), (L - 77, 64, 128, 4), (L - 5, 128, 128, 16)),
+            (True, False), ("bhld", "blhd")):
         qq = q[:, :, L - lq :]
+        if layout == "blhd":  # the storage transformers' attention modules hand over
+            qq = qq.transpose(1, 2).contiguous().transpose(1, 2)
+        _set(est, dict(GEMM=gemm))
         torch.cuda.synchronize()
         out = block_importance(qq, k, block_q=bq, block_k=bk, stride=s, scale=None)
+        _set(est, None)
         r = ref(qq.float(), k.float(), block_q=bq, block_k=bk, stride=s, scale=None)
         rel = ((out - r).norm() / r.norm()).item()
         mx = (out - r).abs().max().item()
         good = bool(torch.isfinite(out).all()) and rel < 1e-4
         ok &= good
-        _log(f"  estimate Lq={lq} Lk={L} bq={bq} bk={bk} s={s}: rel err={rel:.2e} max abs={mx:.2e} "
+        _log(f"  estimate Lq={lq} Lk={L} bq={bq} bk={bk} s={s} gemm={gemm} {layout}: rel err={rel:.2e} max abs={mx:.2e} "
              f"-> {'ok' if good else 'FAIL'}")
     return ok
 
@@ -128,13 +137,15 @@ def ceilings(dev: torch.device) -> Dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- timing
 ESTIMATOR_VARIANTS: List[dict] = [
-    dict(BN=256, BKD=64, num_warps=8, num_stages=3, FLAT=False),  # shipped default (v3)
-    dict(ROWS=64, BN=256, BKD=64, num_warps=4, num_stages=2, FLAT=False),  # half the rows: 2 CTAs/SM fit
-    dict(ROWS=64, BN=256, BKD=64, num_warps=4, num_stages=3, FLAT=False),
-    dict(ROWS=64, BN=128, BKD=128, num_warps=4, num_stages=2, FLAT=False),
-    dict(ROWS=128, BN=128, BKD=64, num_warps=4, num_stages=3, FLAT=False),
-    dict(BN=256, BKD=64, num_warps=8, num_stages=3, FLAT=False, PROGRAMS=132),  # one program per SM
-    dict(BN=256, BKD=128, num_warps=8, num_stages=2, FLAT=False),
+    dict(GEMM=False),  # general form (v3 tiles: BN 256, BKD 64, 8 warps, 3 stages)
+    dict(GEMM=True),  # GEMM form defaults (v6): BM 128, BN 256, BKD 64, 8 warps, 3 stages, nested loop
+    dict(GEMM=True, num_stages=4),
+    dict(GEMM=True, num_stages=2),
+    dict(GEMM=True, FLAT=True),  # tile and K loops flattened (pipeline does not drain per tile; spills)
+    dict(GEMM=True, BN=128, num_stages=4),
+    dict(GEMM=True, BKD=128, num_stages=2),
+    dict(GEMM=True, PROGRAMS=132),  # one program per SM
+    dict(GEMM=True, WS=True),  # asks Triton for warp specialisation of the tile loop
 ]
 POOL_VARIANTS: List[dict] = [dict(CH=64, num_warps=4), dict(CH=64, num_warps=8), dict(CH=32, num_warps=4),
                              dict(CH=128, num_warps=8)]
@@ -162,11 +173,14 @@ def _set(module, variant: Optional[dict]) -> None:
     module._OVERRIDES.update(variant or {})
 
 
-def time_estimate(q: torch.Tensor, k: torch.Tensor, variant: Optional[dict]) -> float:
+def time_estimate(q: torch.Tensor, k: torch.Tensor, variant: Optional[dict], stride: int = 8) -> float:
     from psa_vlm.kernels.estimate import kernel as est
 
     _set(est, variant)
-    return _bench(lambda: est.block_importance(q, k, block_q=128, block_k=128, stride=8))
+    try:
+        return _bench(lambda: est.block_importance(q, k, block_q=128, block_k=128, stride=stride))
+    finally:
+        _set(est, None)
 
 
 def gemm_ceiling(dev: torch.device, L: int) -> float:
@@ -199,6 +213,11 @@ def time_length(dev: torch.device, L: int, variant: Optional[dict], results: Dic
     results["pool"] = _bench(lambda: pyramid_pool(k, v, block_k=128, factors=cfg.pool_factors,
                                                   sim_thresholds=cfg.sim_thresholds))
     results["estimate"] = time_estimate(q, k, variant)
+    q_blhd = q.transpose(1, 2).contiguous().transpose(1, 2)  # the storage transformers hands over
+    results["estimate_blhd"] = time_estimate(q_blhd, k, variant)
+    results["estimate_s16"] = time_estimate(q, k, variant, stride=16)
+    results["estimate_s16_blhd"] = time_estimate(q_blhd, k, variant, stride=16)
+    del q_blhd
     _, _, cap = pyramid_pool(k, v, block_k=128, factors=cfg.pool_factors, sim_thresholds=cfg.sim_thresholds)
     scores = est.block_importance(q, k, block_q=128, block_k=128, stride=8)
     kvf, qf = block_flags(1, L, L, cfg, dev)
@@ -248,7 +267,7 @@ def kernel_report() -> None:
     from psa_vlm.kernels.estimate import kernel as est
     from psa_vlm.kernels.pool import kernel as pool
 
-    for fn in (pool._pool_kernel, est._estimate_kernel, asg._assign_kernel):
+    for fn in (pool._pool_kernel, est._estimate_kernel, est._estimate_gemm_kernel, asg._assign_kernel):
         try:
             caches = getattr(fn, "device_caches", {})
             for dev_cache in caches.values():
@@ -268,6 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--variants", action="store_true", help="time estimator tile variants first, keep the best")
+    ap.add_argument("--variant-strides", type=int, nargs="+", default=[8], help="strides of the variant timing")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--profile-estimate", type=int, default=0, metavar="L",
@@ -309,17 +329,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.variants:
         Lv = args.lengths[len(args.lengths) // 2]
         q, k, _ = _inputs(dev, Lv)
-        flops = estimator_flops(Lv, Lv, 28, 128, 8)
         rows = []
-        for var in ESTIMATOR_VARIANTS:
+        for stride, var in itertools.product(args.variant_strides, ESTIMATOR_VARIANTS):
+            flops = estimator_flops(Lv, Lv, 28, 128, stride)
             try:
                 t = time.time()
-                ms = time_estimate(q, k, var)
-                rows.append((ms, var))
-                _log(f"  variant {var}: estimate {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s) at L={Lv}, "
+                ms = time_estimate(q, k, var, stride)
+                if stride == 8:
+                    rows.append((ms, var))
+                _log(f"  variant s={stride} {var}: estimate {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s) at L={Lv}, "
                      f"compile+bench {time.time() - t:.0f}s")
             except Exception as e:
-                _log(f"  variant {var} raised {type(e).__name__}: {str(e)[:300]}")
+                _log(f"  variant s={stride} {var} raised {type(e).__name__}: {str(e)[:300]}")
         if rows:
             best = min(rows, key=lambda r: r[0])[1]
             _log(f"best estimator variant at L={Lv}: {best}")

@@ -98,6 +98,70 @@ def test_tile_and_schedule_paths(poisoned, overrides, cfg, s, bq, bk):
     check(q, k, bq, bk, s, scale=0.3)
 
 
+# GEMM form (16-bit inputs, power-of-two bq/s and bk/s): reduced rows and reversed reduced keys through TMA
+# descriptors. Forced on (and, for the same inputs, off) so both forms are compared with the reference.
+GEMM_CASES = [
+    # B, Hq, Hkv, Lq, Lk, D, bq, bk, s, dtype
+    (1, 2, 1, 64, 64, 16, 16, 16, 4, torch.float16),  # lengths multiples of s: q used in place
+    (2, 6, 2, 129, 300, 16, 16, 32, 4, torch.float16),  # Lq < Lk, ragged tails (zero-padded copies), GQA 3
+    (1, 4, 1, 301, 301, 20, 32, 16, 4, torch.float16),  # D 20: s*D = 80, D chunks past the row (zero-filled)
+    (1, 4, 2, 300, 333, 16, 128, 128, 16, torch.float16),  # s 16 on 128 x 128 blocks: bq/s = 8
+    (1, 2, 1, 150, 150, 16, 128, 128, 4, torch.float16),  # s 4: bq/s = 32 rows, one query block per item here
+    (1, 3, 1, 100, 150, 16, 16, 32, 16, torch.float16),  # s = bq: one reduced row per query block
+    (1, 4, 2, 90, 90, 16, 16, 16, 8, torch.bfloat16),  # bf16 (upcast after the descriptor load)
+]
+
+
+def _spy_gemm(monkeypatch):
+    calls = []
+    real = est_kernel._launch_gemm
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(est_kernel, "_launch_gemm", spy)
+    return calls
+
+
+@pytest.mark.parametrize("gemm", [True, False])
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk,s,dtype", GEMM_CASES)
+def test_gemm_form_matches_reference(poisoned, overrides, monkeypatch, gemm, B, Hq, Hkv, Lq, Lk, D, bq, bk, s,
+                                     dtype):
+    overrides(GEMM=gemm)
+    calls = _spy_gemm(monkeypatch)
+    q, k = rand((B, Hq, Lq, D), dtype), rand((B, Hkv, Lk, D), dtype)
+    check(q, k, bq, bk, s)
+    assert len(calls) == int(gemm)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(PROGRAMS=1),  # one persistent program walks every item (scratch reused)
+        dict(PROGRAMS=4, ROWS=16, BN=32, NJ=32),  # one query block per item, two KV blocks per key tile
+        dict(ROWS=64, BKD=16, FLAT=True),  # four query blocks per item (one past nq), D in 4 chunks per row
+    ],
+)
+def test_gemm_form_tile_and_schedule_paths(poisoned, overrides, monkeypatch, cfg):
+    overrides(GEMM=True, **cfg)
+    calls = _spy_gemm(monkeypatch)
+    q = rand((2, 70, 6, 16), torch.float16).transpose(1, 2)  # [B, L, H, D] storage: copied into place
+    k = rand((2, 2, 130, 16), torch.float16)
+    check(q, k, 16, 16, 4, scale=0.3)
+    assert calls
+
+
+def test_gemm_form_refuses_what_it_cannot_run(overrides):
+    overrides(GEMM=True)
+    q, k = rand((1, 2, 32, 16), torch.float32), rand((1, 1, 32, 16), torch.float32)
+    with pytest.raises(ValueError, match="GEMM form"):
+        block_importance(q, k, block_q=16, block_k=16, stride=4)  # float32: the general form only
+    q16, k16 = q.half(), k.half()
+    with pytest.raises(ValueError, match="GEMM form"):
+        block_importance(q16, k16, block_q=12, block_k=24, stride=4)  # bq/s = 3: not a power of two
+
+
 def test_strided_inputs(poisoned):
     q = rand((1, 70, 4, 16), torch.float32).transpose(1, 2)  # [B, L, H, D] storage
     k = rand((1, 2, 16, 100), torch.float32).transpose(-1, -2)  # last dim not contiguous: copied

@@ -74,6 +74,8 @@ _SCRATCH_BYTES = 64 << 20
 #: Tile/launch overrides (``ROWS``, ``BN``, ``BKD``, ``NJ``, ``FLAT``, ``PROGRAMS``, ``num_warps``, ``num_stages``)
 #: for benchmarks and tests; empty by default.
 _OVERRIDES: dict = {}
+#: Whether the GEMM form (``_estimate_gemm_kernel``) runs where it can; see ``_gemm_form``.
+_GEMM_DEFAULT = True
 
 
 def _interpreting() -> bool:
@@ -344,6 +346,146 @@ def _estimate_kernel(
                            UPCAST, DOT_PREC, FLAT)
 
 
+@triton.jit
+def _gemm_item(
+    q_desc,  # [B*Hq*Rq, s*D]: reduced query rows (row r of a head = its s query rows, concatenated)
+    k_desc,  # [B*Hkv*Rk, s*D]: reduced keys, each group's s keys in reverse order
+    out_ptr,
+    scr_rows,
+    item,
+    stride_ob,
+    stride_oh,
+    stride_oq,
+    Lq,
+    Lk,
+    nq,
+    nk,
+    Rq,
+    Rk,
+    n_rt,
+    Hq,
+    G,
+    BH,  # B * Hq
+    qk_scale,
+    S: tl.constexpr,
+    SD: tl.constexpr,
+    RB: tl.constexpr,
+    PP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    KPB: tl.constexpr,
+    BKD: tl.constexpr,
+    NJ: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FLAT: tl.constexpr,
+    WS: tl.constexpr,
+):
+    """One work item of the GEMM form: ``BM`` consecutive reduced rows (``PP`` query blocks) of one query head."""
+    NBT: tl.constexpr = BN // KPB
+    NKD: tl.constexpr = (SD + BKD - 1) // BKD
+    rt = n_rt - 1 - item // BH  # heaviest (latest) row tile first
+    bh = item % BH
+    b = bh // Hq
+    h = bh % Hq
+
+    offs_m = tl.arange(0, BM)
+    r = rt * BM + offs_m  # [BM] reduced row
+    row_ok = r < Rq
+    last_m = Lk - Lq + tl.minimum(r * S + S - 1, Lq - 1)  # [BM] last visible key position
+    min_last = tl.min(tl.where(row_ok, last_m, Lk), axis=0)
+    last_max = tl.max(tl.where(row_ok, last_m, 0), axis=0)
+    nvis = last_max // (KPB * S) + 1  # KV blocks visible to some row of the item
+    n_tiles = tl.cdiv(nvis, NBT)
+    q_row = bh * Rq + rt * BM
+    k_row = (bh // G) * Rk  # (b * Hkv + h // G) * Rk
+    col_c = tl.arange(0, BN)
+    col_ok = col_c < BN
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    for jt in tl.range(0, n_tiles, flatten=FLAT, warp_specialize=WS):
+        acc = tl.zeros([BM, BN], tl.float32)
+        for kk in range(0, NKD):
+            qt = q_desc.load([q_row, kk * BKD])
+            kt = k_desc.load([k_row + jt * BN, kk * BKD])
+            if UPCAST:
+                qt = qt.to(tl.float32)
+                kt = kt.to(tl.float32)
+            acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT_PREC)
+        m_i, l_i = _tile_lse(acc, m_i, l_i, scr_rows, row_ok, last_m, min_last, col_c, col_ok, jt, nk, qk_scale, S,
+                             BM, BN, KPB, KPB)
+
+    lse_row = m_i + tl.log2(l_i)  # [BM]
+    tl.debug_barrier()  # the scratch written above is read back by other threads of the program
+
+    # ---- second pass: S[i, j] = sum over the query block's reduced rows of 2^(lse_rj - LSE_r)
+    offs_j = tl.arange(0, NJ)
+    offs_p = tl.arange(0, PP)
+    i_p = rt * PP + offs_p  # [PP] query blocks of the item
+    dst = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+           + i_p.to(tl.int64)[:, None] * stride_oq)  # [PP, 1]
+    for j0 in range(0, nk, NJ):
+        jj = j0 + offs_j
+        lse = tl.load(scr_rows[:, None] + jj[None, :], mask=row_ok[:, None] & (jj < nvis)[None, :],
+                      other=float("-inf"))
+        pr = tl.where(row_ok[:, None], tl.exp2(lse - lse_row[:, None]), 0.0)  # [BM, NJ]
+        val = tl.sum(tl.reshape(pr, [PP, RB, NJ]), axis=1)  # [PP, NJ]
+        tl.store(dst + jj[None, :], val, mask=(i_p < nq)[:, None] & (jj < nk)[None, :])
+    tl.debug_barrier()  # the next item of this program overwrites the scratch
+
+
+#: Length-derived integer arguments of the GEMM form (see ``_LENGTH_ARGS``).
+_GEMM_LENGTH_ARGS = ("stride_ob", "stride_oh", "stride_oq", "Lq", "Lk", "nq", "nk", "Rq", "Rk", "n_rt", "n_items")
+
+
+@triton.jit(do_not_specialize=_GEMM_LENGTH_ARGS)
+def _estimate_gemm_kernel(
+    q_desc,
+    k_desc,
+    out_ptr,
+    scr_ptr,
+    stride_ob,
+    stride_oh,
+    stride_oq,
+    Lq,
+    Lk,
+    nq,
+    nk,
+    Rq,
+    Rk,
+    n_rt,  # row tiles of BM reduced rows per head
+    n_items,  # n_rt * B * Hq
+    Hq,
+    G,
+    BH,
+    qk_scale,
+    pitch,
+    S: tl.constexpr,
+    SD: tl.constexpr,
+    RB: tl.constexpr,
+    PP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    KPB: tl.constexpr,
+    BKD: tl.constexpr,
+    NJ: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FLAT: tl.constexpr,
+    WS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    scr_rows = scr_ptr + pid.to(tl.int64) * (BM * pitch) + tl.arange(0, BM).to(tl.int64) * pitch
+    for rnd in range(0, tl.cdiv(n_items, nprog)):
+        item = rnd * nprog + tl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
+        if item < n_items:
+            _gemm_item(q_desc, k_desc, out_ptr, scr_rows, item, stride_ob, stride_oh, stride_oq, Lq, Lk, nq, nk, Rq,
+                       Rk, n_rt, Hq, G, BH, qk_scale, S, SD, RB, PP, BM, BN, KPB, BKD, NJ, UPCAST, DOT_PREC, FLAT,
+                       WS)
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 def _alloc(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialised output buffer (a seam for tests, which poison it)."""
@@ -369,6 +511,128 @@ def _tiles(RB: int, KPB: int, D: int, interpret: bool, overrides: Optional[dict]
     cfg["BKD"] = min(max(cfg["BKD"], 16), BD)
     cfg.update(PP=PP, BM=BM, KPB_P2=KPB_P2, BD=BD)
     return cfg
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _gemm_tiles(RB: int, KPB: int, SD: int, interpret: bool, overrides: Optional[dict] = None) -> dict:
+    """Tile sizes and launch options of the GEMM form for one call."""
+    if interpret:
+        cfg = dict(ROWS=32, BN=16, BKD=32, NJ=16, FLAT=False, WS=False, PROGRAMS=3, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(ROWS=128, BN=256, BKD=64, NJ=64, FLAT=True, WS=False, PROGRAMS=0, num_warps=8, num_stages=3)
+    if overrides:
+        cfg.update({key: val for key, val in overrides.items() if key != "GEMM"})
+    cfg["BM"] = max(cfg["ROWS"], RB)
+    cfg["PP"] = cfg["BM"] // RB
+    cfg["BN"] = max(cfg["BN"], KPB)
+    cfg["BKD"] = min(cfg["BKD"], max(16, triton.next_power_of_2(SD)))
+    return cfg
+
+
+def _gemm_form(q: torch.Tensor, RB: int, KPB: int, s: int, D: int, interpret: bool, overrides: dict) -> bool:
+    """Whether the GEMM form runs (``_OVERRIDES["GEMM"]`` forces it either way where it can run).
+
+    It needs 16-bit inputs, power-of-two ``bq/s`` and ``bk/s`` (whole query and KV blocks per tile), a reduced
+    row of ``s * D`` elements whose byte pitch is a multiple of 16 (TMA), and a GPU with TMA (compute capability
+    9.0 or newer) or the interpreter.
+    """
+    able = (q.dtype in (torch.float16, torch.bfloat16) and _is_pow2(RB) and _is_pow2(KPB) and RB <= 128
+            and KPB <= 256 and (s * D) % 8 == 0)
+    if able and not interpret:
+        able = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    want = overrides.get("GEMM", _GEMM_DEFAULT)
+    if want and not able and "GEMM" in overrides:
+        raise ValueError("the estimator's GEMM form cannot run on these inputs (see _gemm_form)")
+    return bool(want) and able
+
+
+def _gemm_operands(q: torch.Tensor, k: torch.Tensor, s: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[B*Hq*Rq, s*D]`` reduced query rows and ``[B*Hkv*Rk, s*D]`` reversed reduced keys, zero-padded.
+
+    Reduced row ``r`` is query rows ``r*s .. r*s+s-1`` side by side, reduced key ``c`` is keys ``c*s+s-1 .. c*s``
+    (reversed), so ``Qr[r] . Kr[c] = sum_t q[r*s+s-1-t] . k[c*s+t]``: the antidiagonal sum is one dot product.
+    A contiguous ``q`` whose length is a multiple of ``s`` is used in place; otherwise it is copied once into a
+    zero-padded buffer (the reference zero-pads the last group). The keys are always copied (``Hkv / Hq`` of the
+    query bytes).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    Rq, Rk = cdiv(Lq, s), cdiv(Lk, s)
+    if q.is_contiguous() and Lq == Rq * s and q.data_ptr() % 16 == 0:
+        qr = q.view(B * Hq * Rq, s * D)
+    else:
+        buf = torch.empty((B, Hq, Rq * s, D), dtype=q.dtype, device=q.device)
+        buf[:, :, :Lq].copy_(q)
+        buf[:, :, Lq:].zero_()
+        qr = buf.view(B * Hq * Rq, s * D)
+    kp = k if Lk == Rk * s else torch.nn.functional.pad(k, (0, 0, 0, Rk * s - Lk))
+    kr = kp.reshape(B, Hkv, Rk, s, D).flip(3).reshape(B * Hkv * Rk, s * D)
+    return qr, kr
+
+
+def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB: int, KPB: int, scale: float,
+                 interpret: bool) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    nq, nk = out.shape[2], out.shape[3]
+    SD = s * D
+    cfg = _gemm_tiles(RB, KPB, SD, interpret, _OVERRIDES)
+    BM, BN, BKD = cfg["BM"], cfg["BN"], cfg["BKD"]
+    qr, kr = _gemm_operands(q, k, s)
+    Rq, Rk = cdiv(Lq, s), cdiv(Lk, s)
+    q_desc = TensorDescriptor(qr, list(qr.shape), list(qr.stride()), [BM, BKD])
+    k_desc = TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [BN, BKD])
+    n_rt = cdiv(Rq, BM)
+    n_items = n_rt * B * Hq
+    pitch = cdiv(nk, 16) * 16
+    if cfg["PROGRAMS"]:
+        programs = cfg["PROGRAMS"]
+    else:
+        n_sm = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        programs = min(2 * n_sm, max(n_sm, _SCRATCH_BYTES // (BM * pitch * 4)))
+    programs = max(1, min(programs, n_items))
+    scratch = torch.empty(programs * BM * pitch, dtype=torch.float32, device=q.device)
+    upcast = interpret and q.dtype == torch.bfloat16
+    _estimate_gemm_kernel[(programs,)](
+        q_desc,
+        k_desc,
+        out,
+        scratch,
+        *out.stride()[:3],
+        Lq,
+        Lk,
+        nq,
+        nk,
+        Rq,
+        Rk,
+        n_rt,
+        n_items,
+        Hq,
+        Hq // Hkv,
+        B * Hq,
+        scale / s * _LOG2E,
+        pitch,
+        S=s,
+        SD=SD,
+        RB=RB,
+        PP=cfg["PP"],
+        BM=BM,
+        BN=BN,
+        KPB=KPB,
+        BKD=BKD,
+        NJ=cfg["NJ"],
+        UPCAST=upcast,
+        DOT_PREC="ieee" if upcast else "tf32",
+        FLAT=cfg["FLAT"],
+        WS=cfg["WS"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -434,6 +698,9 @@ def block_importance(
 
     interpret = _interpreting()
     RB, KPB = block_q // s, block_k // s
+    if _gemm_form(q, RB, KPB, s, D, interpret, _OVERRIDES):
+        _launch_gemm(q, k, out, s, RB, KPB, float(scale), interpret)
+        return out
     cfg = _tiles(RB, KPB, D, interpret, _OVERRIDES)
     PP, BM = cfg["PP"], cfg["BM"]
     n_pairs = nq * G
