@@ -138,14 +138,13 @@ def ceilings(dev: torch.device) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------- timing
 ESTIMATOR_VARIANTS: List[dict] = [
     dict(GEMM=False),  # general form (v3 tiles: BN 256, BKD 64, 8 warps, 3 stages)
-    dict(GEMM=True),  # GEMM form defaults (v6): BM 128, BN 256, BKD 64, 8 warps, 3 stages, nested loop
+    dict(GEMM=True),  # GEMM form defaults (v6): BM 128, BN 256, BKD 64, 8 warps, 3 stages, one program per SM
     dict(GEMM=True, num_stages=4),
     dict(GEMM=True, num_stages=2),
     dict(GEMM=True, FLAT=True),  # tile and K loops flattened (pipeline does not drain per tile; spills)
     dict(GEMM=True, BN=128, num_stages=4),
     dict(GEMM=True, BKD=128, num_stages=2),
-    dict(GEMM=True, PROGRAMS=132),  # one program per SM
-    dict(GEMM=True, WS=True),  # asks Triton for warp specialisation of the tile loop
+    dict(GEMM=True, PROGRAMS=0),  # up to two programs per SM (the general form's grid)
 ]
 POOL_VARIANTS: List[dict] = [dict(CH=64, num_warps=4), dict(CH=64, num_warps=8), dict(CH=32, num_warps=4),
                              dict(CH=128, num_warps=8)]

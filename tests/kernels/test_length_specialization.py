@@ -27,6 +27,7 @@ cases = {
     "pool": (pool_kernel._pool_kernel, pool_kernel._LENGTH_ARGS),
     "assign": (assign_kernel._assign_kernel, assign_kernel._LENGTH_ARGS),
     "estimate": (estimate_kernel._estimate_kernel, estimate_kernel._LENGTH_ARGS),
+    "estimate_gemm": (estimate_kernel._estimate_gemm_kernel, estimate_kernel._GEMM_LENGTH_ARGS),
 }
 out = {}
 for key, (kern, names) in cases.items():
@@ -44,6 +45,7 @@ REQUIRED = {
     "pool": {"nkf", "stride_ch"},
     "assign": {"nq", "nk", "lq", "lk", "stride_sq"},
     "estimate": {"Lq", "Lk", "nk", "Rq", "n_pairs", "n_pg", "n_items", "stride_oq"},
+    "estimate_gemm": {"Lq", "Lk", "nq", "nk", "Rq", "Rk", "n_rt", "n_items", "stride_oq"},
 }
 
 

@@ -359,8 +359,9 @@ def assign_levels(
         EN8=8 in enabled,
         FORCE_FULL_BITS=KV_FORCE_FULL | KV_NEEDS_FULL,
         SKIP_BIT=KV_SKIP,
-        # one warp per 512 blocks: v2 (H200, 64k) 1 warp 0.18 ms vs 4 warps 0.21 ms, 8 warps 0.26 ms
-        num_warps=_OVERRIDES.get("num_warps", min(8, max(1, NKP // 512))),
+        # one warp per 1024 blocks: v2 (H200, 64k, 512 blocks) 1 warp 0.18 ms vs 4 warps 0.21, 8 warps 0.26;
+        # v6 (128k, 1024 blocks) 1 warp 1.63 ms vs 2 warps 2.18, 4 warps 2.87, 8 warps 2.23 (NOTES_stages.md)
+        num_warps=_OVERRIDES.get("num_warps", min(8, max(1, NKP // 1024))),
         enable_fp_fusion=False,
     )
     return factors, kv_idx, counts

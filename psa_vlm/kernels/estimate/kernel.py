@@ -6,46 +6,52 @@ What it computes: XAttention's estimator. Reduced query row ``r`` (query rows ``
 ``c*s <= Lk - Lq + min(r*s+s-1, Lq-1)``; each reduced row is soft-maxed over its visible keys and the
 probabilities are summed per (query block, KV block). Output float32 ``[B, Hq, nq, nk]``, 0 where invisible.
 
-Work items: the (query block, query head) *pairs* of one (batch, KV head), ordered query-block-major, in
-groups of ``PP = ROWS // (bq/s)`` consecutive pairs (``ROWS`` = 128 on the GPU: 8 pairs x 16 reduced rows
-for bq 128, s 8; 16 pairs x 8 rows at s 16; 4 pairs x 32 rows at s 4). An item stacks its pairs' reduced rows
-(``PP * bq/s``, padded to a power of two ``BM``) as the M dimension: every key tile it loads serves up to
-``PP`` query heads of the KV group (no ``repeat_kv``), and with Qwen2.5-VL's 7 heads per KV head no MMA row is
-wasted (stacking one query block's 7 heads would fill 112 of 128 rows). A group may straddle query blocks (up
-to four at s 16 with 7 heads per KV head); each row carries its own causal limit.
+Two forms of one computation (``_gemm_form`` picks; both are tested against the reference):
 
-Grid: persistent, ``min(2 * SMs, max(SMs, _SCRATCH_BYTES / (BM * nk * 4)))`` programs; program ``p`` takes
-items in snake order (round ``r``: item ``r*P + p`` or ``r*P + P-1-p``) over items sorted heaviest first,
-so all programs get the same work. Each program owns a float32 scratch slot ``[BM, nk]``, so scratch is
-bounded by the grid, not by the sequence length.
+**GEMM form** (``_estimate_gemm_kernel``; float16/bfloat16, power-of-two ``bq/s`` and ``bk/s``, TMA: compute
+capability 9.0+). The antidiagonal sum is one dot product of two ``s * D``-long rows:
+``Qr[r] = q[r*s], ..., q[r*s+s-1]`` side by side and ``Kr[c] = k[c*s+s-1], ..., k[c*s]`` (the group reversed),
+so the logits are the plain product ``Qr @ Kr^T`` with a ``s * D``-deep reduction, read through TMA tensor
+descriptors. ``Qr`` is ``q`` itself when ``q`` is contiguous ``[B, Hq, Lq, D]`` with ``Lq % s == 0``, else one
+zero-padded copy (0.5 ms at 64k tokens for transformers' ``[B, L, H, D]`` storage on an H200); ``Kr`` is
+always a copy (``Hkv / Hq`` of the query bytes). A work item is ``BM`` = 128 consecutive reduced rows of one
+query head (``128 / (bq/s)`` whole query blocks), walking the key tiles up to its causal limit; the items of
+one row tile's ``Hq`` heads run side by side, so the ``Hkv`` key streams are shared through L2.
 
-Two passes per item, no ``[Rq, Rk]`` score matrix:
+**General form** (``_estimate_kernel``; any ``s`` dividing the blocks, float32 too): the same sum as ``s``
+strided steps of ``D``-wide dots, loaded with pointer arithmetic. Work items are the (query block, query head)
+*pairs* of one (batch, KV head), ordered query-block-major, in groups of ``PP = ROWS // (bq/s)`` consecutive
+pairs (``ROWS`` = 128 on the GPU: 8 pairs x 16 reduced rows for bq 128, s 8; 16 pairs x 8 rows at s 16; 4
+pairs x 32 rows at s 4). An item stacks its pairs' reduced rows (``PP * bq/s``, padded to a power of two
+``BM``) as the M dimension; a group may straddle query blocks, each row carries its own causal limit.
+``KPB = bk/s`` reduced keys per KV block occupy ``KPB_P2 = next_pow2(KPB)`` tile columns (padding masked).
 
-1. Over the key tiles up to the item's causal limit (tiles wholly in the future are never visited), each
-   tile of ``BN`` reduced keys (``BN / KPB_P2`` whole KV blocks) is ``sum_t Q_t @ K_t^T`` (``s`` steps of
-   D-wide dots, ``Q_t`` = the rows at offset ``s-1-t``, ``K_t`` = the tile's keys at offset ``t``; D split in
-   ``BKD`` chunks). From the tile's logits (log2 domain; the causal mask only on tiles that reach past some
-   row's limit) the per (row, KV block) log-sum-exp relative to the running row maximum goes to the scratch
-   while the running row maximum and sum are carried along (online softmax).
-2. With the final row log-sum-exp ``LSE_r``: ``S[i, j] = sum_r 2^(lse_rj - LSE_r)`` summed over each pair's
-   rows, read back from the scratch in ``[BM, NJ]`` tiles; every ``j`` of the row is written (0 if invisible).
+Both forms: a persistent grid (program ``p`` takes items in snake order over items sorted heaviest first, so
+all programs get the same work), each program with a float32 scratch slot ``[BM, nk]`` (bounded by the grid,
+not by the sequence length), and two passes per item, no ``[Rq, Rk]`` score matrix:
 
-Tiles (GPU default, chosen on an H200, see ``NOTES_stages.md``): ``BM`` 128 x ``BN`` 256 reduced keys x
-``BKD`` 64, 8 warps, 3 stages (wgmma, cp.async pipeline, one CTA per SM). ``KPB = bk/s`` reduced keys per
-KV block occupy ``KPB_P2 = next_pow2(KPB)`` tile columns (padding columns masked).
+1. Over the key tiles up to the item's causal limit (tiles wholly in the future are never visited), each tile
+   of ``BN`` reduced keys (``BN / KPB`` whole KV blocks) is accumulated in float32; from the tile's logits
+   (log2 domain; the causal mask only on tiles that reach past some row's limit) the per (row, KV block)
+   log-sum-exp relative to the running row maximum goes to the scratch while the running row maximum and sum
+   are carried along (online softmax).
+2. With the final row log-sum-exp ``LSE_r``: ``S[i, j] = sum_r 2^(lse_rj - LSE_r)`` summed over each query
+   block's rows, read back from the scratch in ``[BM, NJ]`` tiles; every ``j`` of the row is written (0 if
+   invisible).
 
-Cost: ``Lq * Lk * Hq * D / s`` FLOPs for causal inputs (``1/(2s)`` of dense causal attention's). Every key tile
-re-reads the item's Q slice (``BM * s * D`` elements) from L2: ``(BM + BN) * s * D * 2`` bytes per
-``2 * BM * BN * s * D`` FLOPs (85 FLOP/B). Measured on an H200 at s 8: ~345 TFLOP/s, 10.9% of dense SDPA time
-at 64k; latency-bound (Nsight Compute: L2 36%, SM 40% of peak, L2 hit rate 64%; one CTA per SM), see
-``NOTES_stages.md``.
+Tiles (GPU defaults, chosen on an H200, see ``NOTES_stages.md``): ``BM`` 128 x ``BN`` 256 reduced keys x
+``BKD`` 64, 8 warps, 3 stages (wgmma, one CTA per SM); the GEMM form with one program per SM and TMA loads, the
+general form with up to two programs per SM and cp.async loads.
 
-Limits: ``bq``, ``bk`` multiples of ``s``, any such ``s`` (the CPU tests compare with the reference at s 4, 8
-and 16, s 4 and 16 on 128 x 128 blocks too; the GPU tier at s 8 and 16 on Qwen2.5-VL-7B shapes, where the
-``s * D`` = 2048-deep reduction of s 16 takes ``s * D / BKD`` = 32 steps); float16, bfloat16, float32 inputs
-(float32 dots in IEEE precision); any strides (copied only if the last dimension is not contiguous). Under
-``TRITON_INTERPRET=1`` bfloat16 tiles are upcast to float32 after loading (the interpreter's bfloat16
-arithmetic is wrong).
+Cost: ``Lq * Lk * Hq * D / s`` FLOPs for causal inputs (``1/(2s)`` of dense causal attention's). Measured on an
+H200 at 64k tokens, s 8 (v6): GEMM form 4.35 ms (443 TFLOP/s, 8.5% of dense SDPA), general form 5.47 ms
+(345 TFLOP/s); cuBLAS runs the same product without softmax or causal skipping at 623 TFLOP/s.
+
+Limits: ``bq``, ``bk`` multiples of ``s``, any such ``s`` (the CPU tests compare both forms with the reference
+at s 4, 8 and 16, on 128 x 128 blocks too; the GPU tier at s 8 and 16 on Qwen2.5-VL-7B shapes); float16,
+bfloat16, float32 inputs (float32 dots in IEEE precision, general form); any strides (copied only if the last
+dimension is not contiguous, or as the GEMM form's padded copy). Under ``TRITON_INTERPRET=1`` bfloat16 tiles
+are upcast to float32 after loading (the interpreter's bfloat16 arithmetic is wrong).
 """
 
 from __future__ import annotations
@@ -379,7 +385,6 @@ def _gemm_item(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FLAT: tl.constexpr,
-    WS: tl.constexpr,
 ):
     """One work item of the GEMM form: ``BM`` consecutive reduced rows (``PP`` query blocks) of one query head."""
     NBT: tl.constexpr = BN // KPB
@@ -404,7 +409,7 @@ def _gemm_item(
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
-    for jt in tl.range(0, n_tiles, flatten=FLAT, warp_specialize=WS):
+    for jt in tl.range(0, n_tiles, flatten=FLAT):
         acc = tl.zeros([BM, BN], tl.float32)
         for kk in range(0, NKD):
             qt = q_desc.load([q_row, kk * BKD])
@@ -473,7 +478,6 @@ def _estimate_gemm_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FLAT: tl.constexpr,
-    WS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -482,8 +486,7 @@ def _estimate_gemm_kernel(
         item = rnd * nprog + tl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
         if item < n_items:
             _gemm_item(q_desc, k_desc, out_ptr, scr_rows, item, stride_ob, stride_oh, stride_oq, Lq, Lk, nq, nk, Rq,
-                       Rk, n_rt, Hq, G, BH, qk_scale, S, SD, RB, PP, BM, BN, KPB, BKD, NJ, UPCAST, DOT_PREC, FLAT,
-                       WS)
+                       Rk, n_rt, Hq, G, BH, qk_scale, S, SD, RB, PP, BM, BN, KPB, BKD, NJ, UPCAST, DOT_PREC, FLAT)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -520,9 +523,12 @@ def _is_pow2(x: int) -> bool:
 def _gemm_tiles(RB: int, KPB: int, SD: int, interpret: bool, overrides: Optional[dict] = None) -> dict:
     """Tile sizes and launch options of the GEMM form for one call."""
     if interpret:
-        cfg = dict(ROWS=32, BN=16, BKD=32, NJ=16, FLAT=False, WS=False, PROGRAMS=3, num_warps=4, num_stages=1)
+        cfg = dict(ROWS=32, BN=16, BKD=32, NJ=16, FLAT=False, PROGRAMS=3, num_warps=4, num_stages=1)
     else:
-        cfg = dict(ROWS=128, BN=256, BKD=64, NJ=64, FLAT=True, WS=False, PROGRAMS=0, num_warps=8, num_stages=3)
+        # v6 (H200, 64k): one program per SM (PROGRAMS -1) was the fastest variant at s 8 and tied at s 16; the
+        # flattened loop spills (22 registers) and gains nothing at s 8; 4 stages = 3; 2 stages, BN 128, BKD 128
+        # are 15-25% slower. NOTES_stages.md
+        cfg = dict(ROWS=128, BN=256, BKD=64, NJ=64, FLAT=False, PROGRAMS=-1, num_warps=8, num_stages=3)
     if overrides:
         cfg.update({key: val for key, val in overrides.items() if key != "GEMM"})
     cfg["BM"] = max(cfg["ROWS"], RB)
@@ -590,11 +596,11 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
     n_rt = cdiv(Rq, BM)
     n_items = n_rt * B * Hq
     pitch = cdiv(nk, 16) * 16
-    if cfg["PROGRAMS"]:
+    if cfg["PROGRAMS"] > 0:
         programs = cfg["PROGRAMS"]
-    else:
+    else:  # -1: one per SM; 0: up to two per SM, as the general form
         n_sm = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        programs = min(2 * n_sm, max(n_sm, _SCRATCH_BYTES // (BM * pitch * 4)))
+        programs = n_sm if cfg["PROGRAMS"] < 0 else min(2 * n_sm, max(n_sm, _SCRATCH_BYTES // (BM * pitch * 4)))
     programs = max(1, min(programs, n_items))
     scratch = torch.empty(programs * BM * pitch, dtype=torch.float32, device=q.device)
     upcast = interpret and q.dtype == torch.bfloat16
@@ -629,7 +635,6 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         UPCAST=upcast,
         DOT_PREC="ieee" if upcast else "tf32",
         FLAT=cfg["FLAT"],
-        WS=cfg["WS"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
