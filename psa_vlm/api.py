@@ -27,6 +27,7 @@ from .kernels.geometry import FACTOR_ORDER, block_masks, cdiv
 
 __all__ = [
     "BACKENDS", "LevelMap", "PSAPlan", "psa_attention", "build_level_map", "run_psa", "resolve_backend",
+    "attend_backend",
     "check_config_for_backend",
 ]
 
@@ -244,7 +245,10 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
     ``device=None`` means the current CUDA device when one is available, else the CPU.
 
     ``"auto"``: on CUDA, ``"fa4"`` when FlashAttention-4 imports and the device has compute capability 9.x or
-    newer (its first import takes a few seconds), else ``"triton"``; on the CPU, ``"reference"``.
+    newer (its first import takes a few seconds), else ``"triton"``; on the CPU, ``"reference"``. Under
+    ``"auto"`` a call with fewer than ``psa_vlm.cost.AUTO_FA4_MIN_TOKENS`` (49,152) query tokens still runs its
+    attend stage on the Triton kernel (``attend_backend``: FlashAttention-4's per-call costs are not amortised
+    there); FlashAttention-4's dense forward stays the dense path.
     ``"fa4"`` runs pooling, estimation and level assignment in Triton and the attention stage on
     FlashAttention-4's block-sparse forward (calls it cannot express go to the Triton kernel, with a log line).
 
@@ -280,6 +284,22 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
                 f"{torch.cuda.get_device_capability(device)} on {device}; use backend='triton'"
             )
     return backend
+
+
+def attend_backend(backend: str, resolved: str, seq_len: int) -> str:
+    """The backend whose attend stage runs a call with ``seq_len`` query tokens.
+
+    ``resolved`` (``resolve_backend(backend, device)``), except that ``backend="auto"`` keeps the Triton attend
+    stage below ``psa_vlm.cost.AUTO_FA4_MIN_TOKENS`` query tokens, where FlashAttention-4's per-call costs (four
+    level launches, the list split, the merge) are not amortised (H200 measurements in ``psa_vlm.cost``). An
+    explicit ``backend="fa4"`` is always honoured. Planning (pool, estimate, assign) runs the same Triton kernels
+    either way.
+    """
+    from .cost import AUTO_FA4_MIN_TOKENS
+
+    if backend == "auto" and resolved == "fa4" and seq_len < AUTO_FA4_MIN_TOKENS:
+        return "triton"
+    return resolved
 
 
 _resolve_backend = resolve_backend
@@ -566,13 +586,26 @@ def run_psa(
         if plan_only:
             return None, plan
         return (out if out is not None else q.new_empty(B, Hq, Lq, D)), plan
-    pyramid_pool, block_importance, assign_levels, sparse_attention = _ops(be)
+    attend_be = attend_backend(backend, be, Lq)
+    pyramid_pool, block_importance, assign_levels, sparse_attention = _ops(attend_be)
     bq, bk = config.block_q, config.block_k
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     kv_flags, q_flags = block_flags(
         B, Lq, Lk, config, q.device, key_padding_mask=key_padding_mask, token_types=token_types
     )
+    guarded = config.dense_guard and level_map is None and not config.dense and key_padding_mask is None
+    if guarded and not plan_only:
+        reason = _short_prompt_reason(be, config, q)
+        if reason is not None:
+            # dense attention before any planning; the plan is the all-full map dense attention computes
+            from .kernels.attention.fa4 import dense_attention
+
+            logger.debug("PSA dense guard: %s", reason)
+            o = dense_attention(q, k, v, scale=scale, out=out)
+            plan = _full_plan(q, k, kv_flags, q_flags, config, assign_levels)
+            plan.dense_reason = reason
+            return o, plan
 
     if level_map is not None:
         from .kernels.assign.naive import build_block_lists
@@ -624,8 +657,8 @@ def run_psa(
 
         if fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None:
             return dense_attention(q, k, v, scale=scale, out=out), plan
-    if config.dense_guard and level_map is None and not config.dense and key_padding_mask is None:
-        dense = _guarded_dense(be, plan.level_map, q, k, v, scale, config)
+    if guarded:
+        dense = _guarded_dense(attend_be, plan.level_map, q, k, v, scale, config, fa4_dense=be == "fa4")
         if dense is not None:
             plan.dense_reason, o = dense
             if out is not None:
@@ -650,23 +683,29 @@ def run_psa(
     return o, plan
 
 
-def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, config: PSAConfig):
+def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, config: PSAConfig,
+                   fa4_dense: bool = False):
     """``(reason, dense output)`` when the cost model says dense attention is faster than the plan, else ``None``.
 
-    Reads the level histogram on the host (one synchronisation). Dense attention is the fastest available:
-    FlashAttention-4's for the ``fa4`` backend, SDPA (cuDNN/flash, bottom-right causal) for ``triton`` when
-    ``Lq == Lk``; the Triton backend keeps the sparse stage for ``Lq < Lk`` (SDPA's ``is_causal`` is top-left).
+    ``backend`` is the attend stage's (``attend_backend``); ``fa4_dense`` says FlashAttention-4 is installed and
+    usable on this device. Reads the level histogram on the host (one synchronisation). Dense attention is the
+    fastest available: FlashAttention-4's where ``fa4_dense`` and it supports the call, else SDPA (cuDNN/flash)
+    when ``Lq == Lk``; without FlashAttention-4 the Triton backend keeps the sparse stage for ``Lq < Lk`` (SDPA's
+    ``is_causal`` is top-left). The Triton cost model is relative to cuDNN SDPA, about 1.1x FlashAttention-4's
+    dense time on an H200, so against FlashAttention-4 it leans towards the sparse stage by that much.
     """
     from .cost import dense_guard_reason, quota_cost_ratio
 
     if backend not in ("fa4", "triton") or q.device.type != "cuda" or q.dtype == torch.float32:
         return None
-    if backend == "fa4":
+    if fa4_dense or backend == "fa4":
         from .kernels.attention.fa4 import fa4_unsupported
 
-        if fa4_unsupported(q, block_q=config.block_q, block_k=config.block_k, factors=config.pool_factors) is not None:
+        if backend == "fa4" and fa4_unsupported(q, block_q=config.block_q, block_k=config.block_k,
+                                                factors=config.pool_factors) is not None:
             backend = "triton"  # the attend stage falls back to the Triton kernel: compare with SDPA
-    if backend == "triton" and q.shape[2] != k.shape[2]:
+        fa4_dense = fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None
+    if not fa4_dense and q.shape[2] != k.shape[2]:
         return None
     # quota mode fixes the level mix: far below the break-even there is nothing to decide, and skipping the host
     # read keeps the attend stage's launches queued behind the planning (the read costs ~1 ms at 64k)
@@ -676,12 +715,44 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
     if reason is None:
         return None
     logger.debug("PSA dense guard: %s", reason)
-    if backend == "fa4":
+    if fa4_dense:
         from .kernels.attention.fa4 import dense_attention
 
         return reason, dense_attention(q, k, v, scale=scale)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return reason, o
+
+
+def _short_prompt_reason(be: str, config: PSAConfig, q: torch.Tensor) -> Optional[str]:
+    """``cost.short_prompt_reason`` where FlashAttention-4's dense forward can run this call, else ``None``."""
+    from .cost import short_prompt_reason
+
+    reason = short_prompt_reason(be, config.mode, q.shape[2])
+    if reason is None or q.device.type != "cuda":
+        return None
+    from .kernels.attention.fa4 import fa4_unsupported
+
+    return reason if fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None else None
+
+
+def _full_plan(q, k, kv_flags, q_flags, config: PSAConfig, assign_levels) -> PSAPlan:
+    """The plan dense causal attention computes: every visible block at full resolution, no pooling."""
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    nk = cdiv(Lk, config.block_k)
+    scores = torch.zeros(B, Hq, cdiv(Lq, config.block_q), nk, dtype=torch.float32, device=q.device)
+    cap = torch.ones(B, k.shape[1], nk, dtype=torch.int8, device=q.device)
+    dense_cfg = PSAConfig.preset("dense", block_q=config.block_q, block_k=config.block_k, stride=config.stride)
+    factors, kv_idx, counts = assign_levels(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=dense_cfg)
+    return PSAPlan(
+        level_map=LevelMap(factors, config.block_q, config.block_k, Lq, Lk),
+        kv_idx=kv_idx,
+        counts=counts,
+        k_pooled=k.new_empty(B, k.shape[1], 0, D),
+        v_pooled=k.new_empty(B, k.shape[1], 0, D),
+        pool_factors=(),
+        kv_flags=kv_flags,
+    )
 
 
 def psa_attention(

@@ -21,7 +21,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
-__all__ = ["AttendCost", "ATTEND_COSTS", "attend_cost_ratio", "quota_cost_ratio", "dense_guard_reason"]
+__all__ = [
+    "AttendCost", "ATTEND_COSTS", "AUTO_FA4_MIN_TOKENS", "THRESHOLD_MODE_MIN_TOKENS", "attend_cost_ratio",
+    "quota_cost_ratio", "dense_guard_reason", "short_prompt_reason",
+]
+
+#: ``backend="auto"`` runs the attend stage on FlashAttention-4 only from this many query tokens; shorter calls
+#: keep the Triton kernel. FlashAttention-4's form pays a fixed cost per call (four level launches from Python,
+#: the list split and the merge of four partials) that short prompts do not amortise. H200, bench-attention,
+#: video inputs, whole call (fa4 / Triton attend stage, same planning; commit 2023a36): 16k quota-0.2 2.96 /
+#: 2.10 ms, paper 4.64 / 2.94; 32k quota-0.2 5.70 / 5.91, paper 5.08 / 4.26; 64k quota-0.2 19.36 / 20.43,
+#: paper 10.56 / 8.93 (docs/PERFORMANCE.md).
+AUTO_FA4_MIN_TOKENS = 49152
+
+#: With FlashAttention-4's dense forward available (the fastest dense attention on Hopper), threshold-mode
+#: configs (``paper``: the density depends on the input, known only after planning and one host read) run
+#: dense attention below this many query tokens when ``PSAConfig.dense_guard`` is on, before any planning: the
+#: planning stages and the host read cost more than the sparse stage saves there. H200 (commit 2023a36), paper
+#: against FlashAttention-4 dense: bench-attention 16k 0.61x (fa4 attend) / 0.95x (Triton attend), 20k 1.36x,
+#: 24k 1.33x; bench-prefill (28 layers, density 0.50-0.56) 16k 0.96x, 24k 1.02x, 32k 1.03x.
+THRESHOLD_MODE_MIN_TOKENS = 24576
 
 
 @dataclass(frozen=True)
@@ -105,3 +124,20 @@ def quota_cost_ratio(backend: str, config) -> float:
     q = [float(x) for x in config.quotas]
     ratio = attend_cost_ratio(backend, q + [max(0.0, 1.0 - sum(q))])
     return float("inf") if ratio is None else ratio
+
+
+def short_prompt_reason(backend: str, mode: str, seq_len: int) -> Optional[str]:
+    """Why a call runs dense attention before any planning, or ``None`` (``THRESHOLD_MODE_MIN_TOKENS``).
+
+    Args:
+        backend: The resolved backend (``"fa4"``: FlashAttention-4's dense forward is the dense path; the caller
+            checks that it supports the call). Other backends never take this shortcut.
+        mode: ``PSAConfig.mode``; quota mode (a fixed level mix, no host read) keeps the sparse path.
+        seq_len: Query tokens of the call.
+    """
+    if backend != "fa4" or mode != "threshold" or seq_len >= THRESHOLD_MODE_MIN_TOKENS:
+        return None
+    return (
+        f"prompt of {seq_len} tokens: threshold-mode PSA does not beat FlashAttention-4 dense below "
+        f"{THRESHOLD_MODE_MIN_TOKENS} tokens (psa_vlm.cost.THRESHOLD_MODE_MIN_TOKENS), so dense attention ran"
+    )

@@ -3,7 +3,16 @@
 import pytest
 
 from psa_vlm.config import PSAConfig
-from psa_vlm.cost import ATTEND_COSTS, attend_cost_ratio, dense_guard_reason, quota_cost_ratio
+from psa_vlm.api import attend_backend
+from psa_vlm.cost import (
+    ATTEND_COSTS,
+    AUTO_FA4_MIN_TOKENS,
+    THRESHOLD_MODE_MIN_TOKENS,
+    attend_cost_ratio,
+    dense_guard_reason,
+    quota_cost_ratio,
+    short_prompt_reason,
+)
 
 
 def test_ratio_is_the_weighted_level_work():
@@ -44,3 +53,23 @@ def test_quota_mix_ratio_skips_the_host_read_only_far_from_break_even():
     assert quota_cost_ratio("fa4", PSAConfig.preset("paper")) == float("inf")  # threshold mode: input-dependent
     assert quota_cost_ratio("fa4", PSAConfig.preset("binary-0.2").replace(quotas=(0.9, 0, 0, 0))) > 0.8
     assert quota_cost_ratio("reference", PSAConfig.preset("quota-0.2")) == float("inf")
+
+
+def test_auto_keeps_the_triton_attend_stage_on_short_prompts():
+    n = AUTO_FA4_MIN_TOKENS
+    assert attend_backend("auto", "fa4", n - 1) == "triton"
+    assert attend_backend("auto", "fa4", n) == "fa4"
+    assert attend_backend("fa4", "fa4", 1024) == "fa4"  # an explicit choice is honoured
+    assert attend_backend("auto", "triton", 10**6) == "triton"  # FlashAttention-4 not installed
+    assert attend_backend("triton", "triton", 1024) == "triton"
+    assert attend_backend("auto", "reference", 1024) == "reference"
+
+
+def test_short_threshold_mode_prompts_run_dense_where_fa4_dense_runs():
+    n = THRESHOLD_MODE_MIN_TOKENS
+    reason = short_prompt_reason("fa4", PSAConfig.preset("paper").mode, n - 1)
+    assert reason is not None and f"prompt of {n - 1} tokens" in reason and str(n) in reason
+    assert short_prompt_reason("fa4", "threshold", n) is None
+    assert short_prompt_reason("fa4", PSAConfig.preset("quota-0.2").mode, 1024) is None  # fixed mix: sparse
+    assert short_prompt_reason("triton", "threshold", 1024) is None  # SDPA is the dense path there: sparse wins
+    assert short_prompt_reason("reference", "threshold", 1024) is None

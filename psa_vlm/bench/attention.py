@@ -166,12 +166,17 @@ def check_stages(q, k, v, cfg: PSAConfig, tol: float = 1e-2, backend: str = "tri
     return res
 
 
-def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backend: str) -> Dict[str, float]:
+def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backend: str,
+              requested: Optional[str] = None) -> Dict[str, float]:
     """Stage and whole-call timings (ms), density, histogram and extra memory for one configuration.
 
     ``dense`` holds the dense baselines of the run; the speed-up is against the fastest of them,
     ``attend_over_ideal`` is the attend stage over ``density x cuDNN dense`` (the kernel issue's yardstick).
+    ``backend`` runs the stage timings; ``requested`` (default ``backend``) is what the whole call is given, e.g.
+    ``"auto"``, so that the whole call takes the same decisions a user's call takes (``api.attend_backend``,
+    the dense guard).
     """
+    call_backend = backend if requested is None else requested  # the whole call as a user's (``"auto"``) runs
     from ..api import _ops, block_flags, run_psa
 
     t_pool, t_est, t_assign, t_attn = _ops(backend)
@@ -185,11 +190,11 @@ def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backen
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out, plan = run_psa(q, k, v, cfg, backend=backend)
+    out, plan = run_psa(q, k, v, cfg, backend=call_backend)
     torch.cuda.synchronize()
     row["extra_mem_mb"] = (torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()) / 2**20
     del out
-    row["psa_ms"] = median_ms(lambda: run_psa(q, k, v, cfg, backend=backend), rep=rep)
+    row["psa_ms"] = median_ms(lambda: run_psa(q, k, v, cfg, backend=call_backend), rep=rep)
     row["dense_guard"] = "dense" if plan.dense_reason else ""
     lm = plan.level_map
     row["density"] = lm.density()
@@ -254,7 +259,7 @@ def main(args: argparse.Namespace) -> int:
         raise CLIError("bench-attention needs a CUDA GPU (H100/H200); use `psa-vlm demo` on the CPU")
     from .synthetic import video_like_qkv
 
-    from ..api import resolve_backend
+    from ..api import attend_backend, resolve_backend
 
     env = environment()
     try:
@@ -286,14 +291,15 @@ def main(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CLIError(str(exc)) from None
             chk: Optional[Dict[str, float]] = None
+            be_L = attend_backend(args.backend, backend, L)  # "auto" keeps Triton's attend stage on short prompts
             if not args.no_check:
-                chk = check_stages(q, k, v, cfg, backend=backend)
-            row = bench_one(q, k, v, cfg, dense, args.rep, backend)
+                chk = check_stages(q, k, v, cfg, backend=be_L)
+            row = bench_one(q, k, v, cfg, dense, args.rep, be_L, requested=args.backend)
             measured[name] = row["density"]
             ok = chk is not None and chk["ok"] == 1.0
             row.update(env)
             row.update(
-                seq_len=L, preset=name, backend=backend, dense_ms=dense_ms, fastest_dense=fastest, kv_mb=kv_mb,
+                seq_len=L, preset=name, backend=be_L, dense_ms=dense_ms, fastest_dense=fastest, kv_mb=kv_mb,
                 dense_cudnn_ms=dense.get("cudnn", ""), dense_fa2_ms=dense.get("fa2", ""),
                 dense_fa4_ms=dense.get("fa4", ""), input=args.input, heads=args.heads,
                 kv_heads=args.kv_heads, head_dim=args.head_dim, dtype="bfloat16",

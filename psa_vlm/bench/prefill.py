@@ -263,7 +263,7 @@ def main(args: argparse.Namespace) -> int:
     out_csv = default_out if args.out is None else args.out
     figure = (str(Path(out_csv).with_suffix(".png")) if out_csv else "") if args.figure is None else args.figure
     seq_lens = args.seq_lens if args.seq_lens is not None else [int(x) for x in ARCHS[args.arch]["seq_lens"].split(",")]
-    from ..api import resolve_backend
+    from ..api import attend_backend, resolve_backend
     from ..kernels.attention.fa4 import fa4_available
 
     try:
@@ -365,7 +365,8 @@ def main(args: argparse.Namespace) -> int:
                     raise CLIError(str(exc)) from None
             if stride is not None:
                 cfg = cfg.replace(stride=stride)
-            patch(model, cfg.replace(min_seq_len=1024), backend=backend)
+            # the requested backend ("auto" by default): every layer call takes a user's decisions
+            patch(model, cfg.replace(min_seq_len=1024), backend=args.backend)
             prefill(model, embeds)  # warm-up / compile
             torch.cuda.reset_peak_memory_stats()
             logits = prefill(model, embeds).float()
@@ -378,7 +379,8 @@ def main(args: argparse.Namespace) -> int:
             t = _time(lambda: prefill(model, embeds), args.reps)
             unpatch(model)
             ok = dense_ok and bool(torch.isfinite(logits).all())
-            rows.append(dict(seq_len=L, method=full, backend=backend, density=d, ttft_s=t, dense_ttft_s=dense_t,
+            rows.append(dict(seq_len=L, method=full, backend=attend_backend(args.backend, backend, L), density=d,
+                             ttft_s=t, dense_ttft_s=dense_t,
                              fastest_dense=fastest, speedup=(dense_t / t) if ok else "",
                              speedup_vs_sdpa=(sdpa_t / t) if ok else "", sdpa_ttft_s=sdpa_t,
                              dense_guard_layers=st.get("dense_guard_layers", 0), peak_mem_gb=peak,
