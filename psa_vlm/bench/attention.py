@@ -196,6 +196,8 @@ def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backen
     del out
     row["psa_ms"] = median_ms(lambda: run_psa(q, k, v, cfg, backend=call_backend), rep=rep)
     row["dense_guard"] = "dense" if plan.dense_reason else ""
+    if plan.dense_reason:  # the stages below time the sparse plan (the dense guard's shortcut has none)
+        _, plan = run_psa(q, k, v, cfg, backend=backend, plan_only=True)
     lm = plan.level_map
     row["density"] = lm.density()
     row.update(lm.histogram())
