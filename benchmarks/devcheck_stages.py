@@ -323,6 +323,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _log(f"ceilings: copy {cz['copy_TBps']:.2f} TB/s (read+write), bf16 mm {cz['mm_TFLOPs']:.0f} TFLOP/s")
 
     best: Optional[dict] = None
+    variant_rows: List[dict] = []
     best_pool: Optional[dict] = None
     best_assign: Optional[dict] = None
     if args.variants:
@@ -336,6 +337,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ms = time_estimate(q, k, var, stride)
                 if stride == 8:
                     rows.append((ms, var))
+                variant_rows.append(dict(stride=stride, variant=var, L=Lv, ms=ms, TFLOPs=flops / ms / 1e9))
                 _log(f"  variant s={stride} {var}: estimate {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s) at L={Lv}, "
                      f"compile+bench {time.time() - t:.0f}s")
             except Exception as e:
@@ -360,7 +362,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     kernel_report()
     if args.out:
         with open(os.path.join(args.out, "devcheck_stages.json"), "w") as fh:
-            json.dump({"env": env, "ceilings": cz, "best": best, "checks_ok": ok,
+            json.dump({"env": env, "ceilings": cz, "best": best, "variants": variant_rows, "checks_ok": ok,
                        "table": [(L, r) for L, r in table]}, fh, indent=1)
 
     _log(f"\nchecks: {'PASS' if ok else 'FAIL'} | {env['gpu']} torch {env['torch']} triton {env['triton']} | "
