@@ -27,7 +27,7 @@ from .kernels.geometry import FACTOR_ORDER, block_masks, cdiv
 
 __all__ = [
     "BACKENDS", "LevelMap", "PSAPlan", "psa_attention", "build_level_map", "run_psa", "resolve_backend",
-    "attend_backend",
+    "attend_backend", "causal_equivalent_len",
     "check_config_for_backend",
 ]
 
@@ -286,14 +286,26 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
     return backend
 
 
+def causal_equivalent_len(lq: int, lk: int) -> int:
+    """Length of the square causal call with the same attention work as ``lq`` queries over ``lk`` keys.
+
+    A bottom-right-aligned causal call reads ``lq * (2*lk - lq) / 2`` (query, key) pairs; a square call of length
+    ``L`` reads ``L^2 / 2``. So a 16k-token chunk over a 128k-token cache counts as ~63k tokens. The length rules
+    of ``psa_vlm.cost`` are stated for square calls and applied to this length.
+    """
+    lq, lk = int(lq), int(lk)
+    return int(math.isqrt(max(0, lq * (2 * lk - lq))))
+
+
 def attend_backend(backend: str, resolved: str, seq_len: int) -> str:
-    """The backend whose attend stage runs a call with ``seq_len`` query tokens.
+    """The backend whose attend stage runs a call of ``seq_len`` tokens (``causal_equivalent_len``).
 
     ``resolved`` (``resolve_backend(backend, device)``), except that ``backend="auto"`` keeps the Triton attend
-    stage below ``psa_vlm.cost.AUTO_FA4_MIN_TOKENS`` query tokens, where FlashAttention-4's per-call costs (four
-    level launches, the list split, the merge) are not amortised (H200 measurements in ``psa_vlm.cost``). An
-    explicit ``backend="fa4"`` is always honoured. Planning (pool, estimate, assign) runs the same Triton kernels
-    either way.
+    stage below ``psa_vlm.cost.AUTO_FA4_MIN_TOKENS``, where FlashAttention-4's per-call costs (four level
+    launches, the list split, the merge) weigh most (H200 measurements in ``psa_vlm.cost``). An explicit
+    ``backend="fa4"`` keeps FlashAttention-4's attend stage at every length (the dense guard may still run dense
+    attention, ``PSAConfig.dense_guard``). Planning (pool, estimate, assign) runs the same Triton kernels either
+    way.
     """
     from .cost import AUTO_FA4_MIN_TOKENS
 
@@ -586,7 +598,7 @@ def run_psa(
         if plan_only:
             return None, plan
         return (out if out is not None else q.new_empty(B, Hq, Lq, D)), plan
-    attend_be = attend_backend(backend, be, Lq)
+    attend_be = attend_backend(backend, be, causal_equivalent_len(Lq, Lk))
     pyramid_pool, block_importance, assign_levels, sparse_attention = _ops(attend_be)
     bq, bk = config.block_q, config.block_k
     if scale is None:
@@ -596,7 +608,7 @@ def run_psa(
     )
     guarded = config.dense_guard and level_map is None and not config.dense and key_padding_mask is None
     if guarded and not plan_only:
-        reason = _short_prompt_reason(be, config, q)
+        reason = _short_prompt_reason(be, config, q, k)
         if reason is not None:
             # dense attention before any planning; the plan is the all-full map dense attention computes
             from .kernels.attention.fa4 import dense_attention
@@ -711,7 +723,8 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
     # read keeps the attend stage's launches queued behind the planning (the read costs ~1 ms at 64k)
     if quota_cost_ratio(backend, config) < 0.8:
         return None
-    reason = dense_guard_reason(backend, level_map.histogram_tensor().tolist())
+    reason = dense_guard_reason(backend, level_map.histogram_tensor().tolist(),
+                                against="FlashAttention-4 dense" if fa4_dense else None)
     if reason is None:
         return None
     logger.debug("PSA dense guard: %s", reason)
@@ -723,11 +736,12 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
     return reason, o
 
 
-def _short_prompt_reason(be: str, config: PSAConfig, q: torch.Tensor) -> Optional[str]:
-    """``cost.short_prompt_reason`` where FlashAttention-4's dense forward can run this call, else ``None``."""
+def _short_prompt_reason(be: str, config: PSAConfig, q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+    """``cost.short_prompt_reason`` (at ``causal_equivalent_len``) where FlashAttention-4's dense forward can run
+    this call, else ``None``."""
     from .cost import short_prompt_reason
 
-    reason = short_prompt_reason(be, config.mode, q.shape[2])
+    reason = short_prompt_reason(be, config.mode, causal_equivalent_len(q.shape[2], k.shape[2]))
     if reason is None or q.device.type != "cuda":
         return None
     from .kernels.attention.fa4 import fa4_unsupported

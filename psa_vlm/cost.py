@@ -26,19 +26,21 @@ __all__ = [
     "quota_cost_ratio", "dense_guard_reason", "short_prompt_reason",
 ]
 
-#: ``backend="auto"`` runs the attend stage on FlashAttention-4 only from this many query tokens; shorter calls
-#: keep the Triton kernel. FlashAttention-4's form pays a fixed cost per call (four level launches from Python,
-#: the list split and the merge of four partials) that short prompts do not amortise. H200, bench-attention,
-#: video inputs, whole call (fa4 / Triton attend stage, same planning; commit 2023a36): 16k quota-0.2 2.96 /
-#: 2.10 ms, paper 4.64 / 2.94; 32k quota-0.2 5.70 / 5.91, paper 5.08 / 4.26; 64k quota-0.2 19.36 / 20.43,
-#: paper 10.56 / 8.93 (docs/PERFORMANCE.md).
+#: ``backend="auto"`` runs the attend stage on FlashAttention-4 only from this many tokens
+#: (``api.causal_equivalent_len``); shorter calls keep the Triton kernel. FlashAttention-4's form pays a fixed
+#: cost per call (four level launches from Python, the list split and the merge of four partials). H200,
+#: bench-attention, video inputs, whole call (fa4 / Triton attend stage, same planning; commit 2023a36): 16k
+#: quota-0.2 2.96 / 2.10 ms, paper 4.64 / 2.94; 32k quota-0.2 5.70 / 5.91, paper 5.08 / 4.26; 64k quota-0.2
+#: 19.36 / 20.43, paper 10.56 / 8.93 (docs/PERFORMANCE.md). A length-only compromise: Triton wins clearly at 16k
+#: and for low-density plans at every measured length, fa4 by 4-5% for quota-0.2 from 32k; nothing was measured
+#: between 32k and 64k. A choice by the plan's density after planning would be better (not built).
 AUTO_FA4_MIN_TOKENS = 49152
 
 #: With FlashAttention-4's dense forward available (the fastest dense attention on Hopper), threshold-mode
 #: configs (``paper``: the density depends on the input, known only after planning and one host read) run
 #: dense attention below this many query tokens when ``PSAConfig.dense_guard`` is on, before any planning: the
 #: planning stages and the host read cost more than the sparse stage saves there. H200 (commit 2023a36), paper
-#: against FlashAttention-4 dense: bench-attention 16k 0.61x (fa4 attend) / 0.95x (Triton attend), 20k 1.36x,
+#: against FlashAttention-4 dense: bench-attention 16k 0.61x (fa4 attend) / 0.96x (Triton attend), 20k 1.36x,
 #: 24k 1.33x; bench-prefill (28 layers, density 0.50-0.56) 16k 0.96x, 24k 1.02x, 32k 1.03x.
 THRESHOLD_MODE_MIN_TOKENS = 24576
 
@@ -94,12 +96,14 @@ def attend_cost_ratio(backend: str, histogram: Sequence[float]) -> Optional[floa
     return model.overhead + work / total
 
 
-def dense_guard_reason(backend: str, histogram: Sequence[float]) -> Optional[str]:
+def dense_guard_reason(backend: str, histogram: Sequence[float], against: Optional[str] = None) -> Optional[str]:
     """Why dense attention is the faster choice for this level histogram, or ``None`` if PSA's is.
 
     Args:
         backend: The attention backend that would run the sparse stage.
         histogram: As in ``attend_cost_ratio``.
+        against: Name of the dense attention that runs instead, for the message (default: the one ``backend``'s
+            cost model is relative to).
     """
     ratio = attend_cost_ratio(backend, histogram)
     if ratio is None or ratio < 1.0:
@@ -108,7 +112,7 @@ def dense_guard_reason(backend: str, histogram: Sequence[float]) -> Optional[str
     density = sum(x / p for x, p in zip(h[:4], (1, 2, 4, 8))) / max(sum(h), 1.0)
     return (
         f"density {density:.3f}: the {backend} sparse stage is predicted at {ratio:.2f}x the time of "
-        f"{ATTEND_COSTS[backend].dense}, so dense attention ran"
+        f"{ATTEND_COSTS[backend].dense}, so dense attention ({against or ATTEND_COSTS[backend].dense}) ran"
     )
 
 
@@ -133,7 +137,7 @@ def short_prompt_reason(backend: str, mode: str, seq_len: int) -> Optional[str]:
         backend: The resolved backend (``"fa4"``: FlashAttention-4's dense forward is the dense path; the caller
             checks that it supports the call). Other backends never take this shortcut.
         mode: ``PSAConfig.mode``; quota mode (a fixed level mix, no host read) keeps the sparse path.
-        seq_len: Query tokens of the call.
+        seq_len: Tokens of the call, as a square causal call (``api.causal_equivalent_len``).
     """
     if backend != "fa4" or mode != "threshold" or seq_len >= THRESHOLD_MODE_MIN_TOKENS:
         return None

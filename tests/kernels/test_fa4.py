@@ -172,33 +172,42 @@ def test_fa4_dense_preset_matches_sdpa_gpu():
 
 
 @pytest.mark.gpu
-def test_auto_backend_short_prompts_gpu():
+def test_auto_backend_short_prompts_gpu(monkeypatch):
     """``backend="auto"`` with FlashAttention-4: a threshold-mode call below ``THRESHOLD_MODE_MIN_TOKENS`` runs
-    FlashAttention-4 dense before planning (recorded in the plan), a quota-mode call keeps the sparse path on the
-    Triton attend stage (below ``AUTO_FA4_MIN_TOKENS``); both against causal SDPA / the fa4 backend."""
+    FlashAttention-4 dense before planning (recorded in the plan), with ``auto`` and with an explicit ``fa4``
+    (the dense guard applies to both); a quota-mode call below ``AUTO_FA4_MIN_TOKENS`` keeps the sparse path on
+    the Triton attend stage under ``auto`` and on FlashAttention-4's under ``fa4``."""
     _need_fa4()
     from psa_vlm import PSAConfig
     from psa_vlm.api import run_psa
     from psa_vlm.cost import AUTO_FA4_MIN_TOKENS, THRESHOLD_MODE_MIN_TOKENS
+    from psa_vlm.kernels.attention import kernel as triton_attention
 
     L = 6000
     assert L < THRESHOLD_MODE_MIN_TOKENS <= AUTO_FA4_MIN_TOKENS
     torch.manual_seed(11)
     q, k, v = rand_qkv(1, 28, 4, L, L, 128, torch.bfloat16, device="cuda")
-    out = torch.full_like(q, float("nan"))
-    got, plan = run_psa(q, k, v, PSAConfig.preset("paper"), backend="auto", out=out)
-    assert got.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
-    assert plan.dense_reason is not None and "threshold-mode" in plan.dense_reason
-    assert float(plan.level_map.density()) == pytest.approx(1.0)
     ref = causal_sdpa(q, k, v)
-    assert float((got.double() - ref).norm() / ref.norm()) <= 1e-2
-    # explicit fa4: the sparse path (dense guard off so that the decision is not the cost model's)
-    cfg = PSAConfig.preset("paper", dense_guard=False)
-    _, plan_fa4 = run_psa(q, k, v, cfg, backend="fa4")
-    assert plan_fa4.dense_reason is None
-    # quota mode under auto: sparse, on the Triton attend stage, equal to the fa4 backend's output
+    for backend in ("auto", "fa4"):
+        out = torch.full_like(q, float("nan"))
+        got, plan = run_psa(q, k, v, PSAConfig.preset("paper"), backend=backend, out=out)
+        assert got.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+        assert plan.dense_reason is not None and "threshold-mode" in plan.dense_reason, backend
+        assert float(plan.level_map.density()) == pytest.approx(1.0)
+        assert float((got.double() - ref).norm() / ref.norm()) <= 1e-2
+    # quota mode: sparse; which attend stage ran is seen through the Triton kernel's entry point
+    calls = []
+    real = triton_attention.sparse_attention
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(triton_attention, "sparse_attention", spy)
     quota = PSAConfig.preset("quota-0.2")
     a, plan_q = run_psa(q, k, v, quota, backend="auto")
-    b, _ = run_psa(q, k, v, quota, backend="fa4")
-    assert plan_q.dense_reason is None and float(plan_q.level_map.density()) < 0.5
+    assert calls and plan_q.dense_reason is None and float(plan_q.level_map.density()) < 0.5
+    calls.clear()
+    b, plan_f = run_psa(q, k, v, quota, backend="fa4")
+    assert not calls and plan_f.dense_reason is None
     assert float((a.float() - b.float()).norm() / b.float().norm()) <= 1e-2

@@ -12,7 +12,8 @@ Two forms of one computation (``_gemm_form`` picks; both are tested against the 
 capability 9.0+). The antidiagonal sum is one dot product of two ``s * D``-long rows:
 ``Qr[r] = q[r*s], ..., q[r*s+s-1]`` side by side and ``Kr[c] = k[c*s+s-1], ..., k[c*s]`` (the group reversed),
 so the logits are the plain product ``Qr @ Kr^T`` with a ``s * D``-deep reduction, read through TMA tensor
-descriptors. ``Qr`` is ``q`` itself when ``q`` is contiguous ``[B, Hq, Lq, D]`` with ``Lq % s == 0``, else one
+descriptors. ``Qr`` is ``q`` itself when ``q`` is contiguous ``[B, Hq, Lq, D]``, 16-byte aligned, with
+``Lq % s == 0``, else one
 zero-padded copy (0.5 ms at 64k tokens for transformers' ``[B, L, H, D]`` storage on an H200); ``Kr`` is
 always a copy (``Hkv / Hq`` of the query bytes). A work item is ``BM`` = 128 consecutive reduced rows of one
 query head (``128 / (bq/s)`` whole query blocks), walking the key tiles up to its causal limit; the items of
@@ -526,7 +527,7 @@ def _gemm_tiles(RB: int, KPB: int, SD: int, interpret: bool, overrides: Optional
         cfg = dict(ROWS=32, BN=16, BKD=32, NJ=16, FLAT=False, PROGRAMS=3, num_warps=4, num_stages=1)
     else:
         # v6 (H200, 64k): one program per SM (PROGRAMS -1) was the fastest variant at s 8 and tied at s 16; the
-        # flattened loop spills (22 registers) and gains nothing at s 8; 4 stages = 3; 2 stages, BN 128, BKD 128
+        # flattened loop spills (22 spills) and gains nothing at s 8; 4 stages = 3; 2 stages, BN 128, BKD 128
         # are 15-25% slower. NOTES_stages.md
         cfg = dict(ROWS=128, BN=256, BKD=64, NJ=64, FLAT=False, PROGRAMS=-1, num_warps=8, num_stages=3)
     if overrides:
@@ -541,9 +542,9 @@ def _gemm_tiles(RB: int, KPB: int, SD: int, interpret: bool, overrides: Optional
 def _gemm_form(q: torch.Tensor, RB: int, KPB: int, s: int, D: int, interpret: bool, overrides: dict) -> bool:
     """Whether the GEMM form runs (``_OVERRIDES["GEMM"]`` forces it either way where it can run).
 
-    It needs 16-bit inputs, power-of-two ``bq/s`` and ``bk/s`` (whole query and KV blocks per tile), a reduced
-    row of ``s * D`` elements whose byte pitch is a multiple of 16 (TMA), and a GPU with TMA (compute capability
-    9.0 or newer) or the interpreter.
+    It needs 16-bit inputs, power-of-two ``bq/s <= 128`` and ``bk/s <= 256`` (whole query and KV blocks per
+    tile), a reduced row of ``s * D`` elements whose byte pitch is a multiple of 16 (TMA), and a GPU with TMA
+    (compute capability 9.0 or newer) or the interpreter.
     """
     able = (q.dtype in (torch.float16, torch.bfloat16) and _is_pow2(RB) and _is_pow2(KPB) and RB <= 128
             and KPB <= 256 and (s * D) % 8 == 0)
