@@ -246,9 +246,9 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
 
     ``"auto"``: on CUDA, ``"fa4"`` when FlashAttention-4 imports and the device has compute capability 9.x or
     newer (its first import takes a few seconds), else ``"triton"``; on the CPU, ``"reference"``. Under
-    ``"auto"`` a call with fewer than ``psa_vlm.cost.AUTO_FA4_MIN_TOKENS`` (49,152) query tokens still runs its
-    attend stage on the Triton kernel (``attend_backend``: FlashAttention-4's per-call costs are not amortised
-    there); FlashAttention-4's dense forward stays the dense path.
+    ``"auto"`` a call shorter than ``psa_vlm.cost.AUTO_FA4_MIN_TOKENS`` (49,152 tokens of
+    ``causal_equivalent_len``) still runs its attend stage on the Triton kernel (``attend_backend``:
+    FlashAttention-4's per-call costs weigh most there); FlashAttention-4's dense forward stays the dense path.
     ``"fa4"`` runs pooling, estimation and level assignment in Triton and the attention stage on
     FlashAttention-4's block-sparse forward (calls it cannot express go to the Triton kernel, with a log line).
 

@@ -105,9 +105,9 @@ class PSAConfig:
         dense_guard: On the GPU backends, run dense attention instead of the sparse stage when the level map's
             predicted cost (``psa_vlm.cost``) is not below the fastest dense attention's (one host read of the
             level histogram per call; recorded in the plan and in ``psa_stats``). Where FlashAttention-4's dense
-            forward is available, threshold-mode configs (e.g. ``paper``) with fewer than
-            ``psa_vlm.cost.THRESHOLD_MODE_MIN_TOKENS`` (24,576) query tokens run it before any planning (measured
-            break-even on an H200). Not applied with a given level map, a key padding mask, or ``Lq < Lk`` on the
+            forward is available, threshold-mode calls (e.g. ``paper``) shorter than
+            ``psa_vlm.cost.THRESHOLD_MODE_MIN_TOKENS`` (24,576 tokens of ``psa_vlm.api.causal_equivalent_len``)
+            run it before any planning (measured break-even on an H200). Not applied with a given level map, a key padding mask, or ``Lq < Lk`` on the
             Triton backend without FlashAttention-4.
         layer_overrides: Per-layer changes, ``{layer_idx: {field: value}}`` (any field but this one), or
             ``None``. Layer ``i`` runs ``for_layer(i)``: this config with layer ``i``'s changes applied; layers
