@@ -39,8 +39,8 @@ AUTO_FA4_MIN_TOKENS = 49152
 #: With FlashAttention-4's dense forward available (the fastest dense attention on Hopper), threshold-mode
 #: configs (``paper``: the density depends on the input, known only after planning and one host read) run
 #: dense attention below this many tokens (``api.causal_equivalent_len``) when ``PSAConfig.dense_guard`` is on,
-#: before any planning: the
-#: planning stages and the host read cost more than the sparse stage saves there. H200 (commit 2023a36), paper
+#: before any planning: the planning stages and the host read cost more than the sparse stage saves there.
+#: H200 (commit 2023a36), paper
 #: against FlashAttention-4 dense: bench-attention 16k 0.61x (fa4 attend) / 0.96x (Triton attend), 20k 1.36x,
 #: 24k 1.33x; bench-prefill (28 layers, density 0.50-0.56) 16k 0.96x, 24k 1.02x, 32k 1.03x.
 THRESHOLD_MODE_MIN_TOKENS = 24576
