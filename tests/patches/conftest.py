@@ -6,7 +6,7 @@ from typing import Dict
 
 import pytest
 
-from tiny_families import FPS, FRAMES, HEIGHT, WIDTH, Tiny, build_tiny
+from tiny_families import FPS, FRAMES, HEIGHT, WIDTH, Tiny, load_tiny
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +20,14 @@ def clip_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_family(request, tiny_checkpoint):
-    """``tiny_family(name) -> Tiny``, each family built once per session."""
+def tiny_family(request, tiny_family_checkpoint):
+    """``tiny_family(name) -> Tiny``: the family's tiny checkpoint (``tests/conftest.py``, built by
+    ``psa_vlm.models.tiny.build_tiny_checkpoint`` at most once per run) loaded once per session."""
     cache: Dict[str, Tiny] = {}
 
     def get(family: str) -> Tiny:
         if family not in cache:
-            cache[family] = build_tiny(family, tiny_checkpoint if family == "qwen2_5_vl" else None)
+            cache[family] = load_tiny(family, tiny_family_checkpoint(family))
         return cache[family]
 
     return get
