@@ -13,9 +13,8 @@ capability 9.0+). The antidiagonal sum is one dot product of two ``s * D``-long 
 ``Qr[r] = q[r*s], ..., q[r*s+s-1]`` side by side and ``Kr[c] = k[c*s+s-1], ..., k[c*s]`` (the group reversed),
 so the logits are the plain product ``Qr @ Kr^T`` with a ``s * D``-deep reduction, read through TMA tensor
 descriptors. ``Qr`` is ``q`` itself when ``q`` is contiguous ``[B, Hq, Lq, D]``, 16-byte aligned, with
-``Lq % s == 0``, else one
-zero-padded copy (0.5 ms at 64k tokens for transformers' ``[B, L, H, D]`` storage on an H200); ``Kr`` is
-always a copy (``Hkv / Hq`` of the query bytes). A work item is ``BM`` = 128 consecutive reduced rows of one
+``Lq % s == 0``, else one zero-padded copy (0.5 ms at 64k tokens for transformers' ``[B, L, H, D]`` storage on
+an H200); ``Kr`` is always a copy (``Hkv / Hq`` of the query bytes). A work item is ``BM`` = 128 consecutive reduced rows of one
 query head (``128 / (bq/s)`` whole query blocks), walking the key tiles up to its causal limit; the items of
 one row tile's ``Hq`` heads run side by side, so the ``Hkv`` key streams are shared through L2.
 
