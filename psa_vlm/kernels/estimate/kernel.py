@@ -595,14 +595,7 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
     k_desc = TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [BN, BKD])
     n_rt = cdiv(Rq, BM)
     n_items = n_rt * B * Hq
-    pitch = cdiv(nk, 16) * 16
-    if cfg["PROGRAMS"] > 0:
-        programs = cfg["PROGRAMS"]
-    else:  # -1: one per SM; 0: up to two per SM, as the general form
-        n_sm = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        programs = n_sm if cfg["PROGRAMS"] < 0 else min(2 * n_sm, max(n_sm, _SCRATCH_BYTES // (BM * pitch * 4)))
-    programs = max(1, min(programs, n_items))
-    scratch = torch.empty(programs * BM * pitch, dtype=torch.float32, device=q.device)
+    programs, pitch, scratch = _persistent_grid(q.device, cfg["PROGRAMS"], BM, nk, n_items)
     upcast = interpret and q.dtype == torch.bfloat16
     _estimate_gemm_kernel[(programs,)](
         q_desc,
@@ -638,6 +631,25 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+
+
+def _persistent_grid(device: torch.device, requested: int, BM: int, nk: int,
+                     n_items: int) -> Tuple[int, int, torch.Tensor]:
+    """``(programs, pitch, scratch)`` of a persistent launch of either form.
+
+    ``requested`` (the ``PROGRAMS`` tile option): ``> 0`` that many programs; ``-1`` one per SM; ``0`` up to two
+    per SM, as many as ``_SCRATCH_BYTES`` of scratch allow but at least one per SM. Never more programs than
+    work items. Each program owns ``BM`` float32 scratch rows of ``pitch`` = ``nk`` rounded up to 16 elements (so
+    the rows' alignment does not depend on the length).
+    """
+    pitch = cdiv(nk, 16) * 16
+    if requested > 0:
+        programs = requested
+    else:
+        n_sm = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        programs = n_sm if requested < 0 else min(2 * n_sm, max(n_sm, _SCRATCH_BYTES // (BM * pitch * 4)))
+    programs = max(1, min(programs, n_items))
+    return programs, pitch, torch.empty(programs * BM * pitch, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -711,17 +723,7 @@ def block_importance(
     n_pairs = nq * G
     n_pg = cdiv(n_pairs, PP)
     n_items = n_pg * B * Hkv
-    # persistent grid: up to two programs per SM, each with a [BM, nk] float32 scratch slot (bounded by
-    # _SCRATCH_BYTES, but at least one program per SM)
-    pitch = cdiv(nk, 16) * 16
-    per_prog = BM * pitch * 4
-    if cfg["PROGRAMS"]:
-        programs = cfg["PROGRAMS"]
-    else:
-        n_sm = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        programs = min(2 * n_sm, max(n_sm, _SCRATCH_BYTES // per_prog))
-    programs = max(1, min(programs, n_items))
-    scratch = torch.empty(programs * BM * pitch, dtype=torch.float32, device=q.device)
+    programs, pitch, scratch = _persistent_grid(q.device, cfg["PROGRAMS"], BM, nk, n_items)
     upcast = interpret and q.dtype == torch.bfloat16
     dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     _estimate_kernel[(programs,)](
