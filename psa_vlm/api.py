@@ -632,10 +632,7 @@ def run_psa(
         pool_factors = ()
         k_pooled = k.new_empty(B, k.shape[1], 0, D)
         v_pooled = v.new_empty(B, k.shape[1], 0, D)
-        nk = cdiv(Lk, bk)
-        dummy_scores = torch.zeros(B, Hq, cdiv(Lq, bq), nk, dtype=torch.float32, device=q.device)
-        cap = torch.ones(B, k.shape[1], nk, dtype=torch.int8, device=q.device)
-        factors, kv_idx, counts = assign_levels(dummy_scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=config)
+        factors, kv_idx, counts = _all_full_lists(q, k, kv_flags, q_flags, config, assign_levels)
     else:
         pool_factors = tuple(config.pool_factors)
         k_pooled, v_pooled, cap = pyramid_pool(
@@ -749,15 +746,22 @@ def _short_prompt_reason(be: str, config: PSAConfig, q: torch.Tensor, k: torch.T
     return reason if fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None else None
 
 
-def _full_plan(q, k, kv_flags, q_flags, config: PSAConfig, assign_levels) -> PSAPlan:
-    """The plan dense causal attention computes: every visible block at full resolution, no pooling."""
-    B, Hq, Lq, D = q.shape
+def _all_full_lists(q, k, kv_flags, q_flags, config: PSAConfig, assign_levels):
+    """``assign_levels`` of a dense ``config`` (every visible block at factor 1): no scores or caps are needed."""
+    B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     nk = cdiv(Lk, config.block_k)
     scores = torch.zeros(B, Hq, cdiv(Lq, config.block_q), nk, dtype=torch.float32, device=q.device)
     cap = torch.ones(B, k.shape[1], nk, dtype=torch.int8, device=q.device)
+    return assign_levels(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=config)
+
+
+def _full_plan(q, k, kv_flags, q_flags, config: PSAConfig, assign_levels) -> PSAPlan:
+    """The plan dense causal attention computes: every visible block at full resolution, no pooling."""
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
     dense_cfg = PSAConfig.preset("dense", block_q=config.block_q, block_k=config.block_k, stride=config.stride)
-    factors, kv_idx, counts = assign_levels(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=dense_cfg)
+    factors, kv_idx, counts = _all_full_lists(q, k, kv_flags, q_flags, dense_cfg, assign_levels)
     return PSAPlan(
         level_map=LevelMap(factors, config.block_q, config.block_k, Lq, Lk),
         kv_idx=kv_idx,
