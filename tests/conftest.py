@@ -27,6 +27,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def spy(monkeypatch):
+    """``spy(owner, name) -> calls``: wrap ``owner.name`` for one test; each call appends to the returned list
+    and then runs the original (restored afterwards)."""
+
+    def install(owner, name: str) -> list:
+        calls: list = []
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+        return calls
+
+    return install
+
+
 @pytest.fixture(scope="session")
 def tiny_family_checkpoint(tmp_path_factory):
     """``get(family) -> Path``: the tiny offline checkpoint (model + processor) of a model family, built at

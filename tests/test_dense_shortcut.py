@@ -32,28 +32,25 @@ def causal_ref(q, k, v, scale=None):
 
 
 @pytest.fixture
-def forced(monkeypatch):
-    """Shortcut decision forced on; FlashAttention-4 dense replaced by the reference; estimator calls counted."""
-    calls = {"dense": 0, "estimate": 0}
+def forced(monkeypatch, spy):
+    """Shortcut decision forced on; FlashAttention-4 dense replaced by the reference; both it and the estimator
+    counted."""
 
     def dense(q, k, v, *, scale=None, out=None):
-        calls["dense"] += 1
         o = causal_ref(q, k, v, scale)
         if out is None:
             return o
         out.copy_(o)
         return out
 
-    real_est = est_kernel.block_importance
-
-    def est(*a, **kw):
-        calls["estimate"] += 1
-        return real_est(*a, **kw)
-
     monkeypatch.setattr(api, "_short_prompt_reason", lambda be, config, q, k: REASON)
     monkeypatch.setattr(fa4, "dense_attention", dense)
-    monkeypatch.setattr(est_kernel, "block_importance", est)
-    return calls
+
+    class Calls:
+        dense = spy(fa4, "dense_attention")
+        estimate = spy(est_kernel, "block_importance")
+
+    return Calls
 
 
 def qkv(Lq=96, Lk=96, Hq=4, Hkv=2, D=16):
@@ -69,7 +66,7 @@ def test_shortcut_runs_dense_before_planning(forced, Lq, Lk):
     q, k, v = qkv(Lq, Lk)
     out = torch.full_like(q, float("nan"))
     got, plan = run_psa(q, k, v, CFG, backend="triton", out=out)
-    assert forced == {"dense": 1, "estimate": 0}
+    assert len(forced.dense) == 1 and len(forced.estimate) == 0
     assert got.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
     torch.testing.assert_close(got, causal_ref(q, k, v), atol=1e-5, rtol=1e-5)
     assert plan.dense_reason == REASON
@@ -91,7 +88,7 @@ def test_shortcut_runs_dense_before_planning(forced, Lq, Lk):
 def test_shortcut_stays_out(forced, kwargs, cfg):
     q, k, v = qkv()
     _, plan = run_psa(q, k, v, cfg, backend="triton", **kwargs)
-    assert forced["dense"] == 0 and plan.dense_reason is None
+    assert len(forced.dense) == 0 and plan.dense_reason is None
 
 
 def test_causal_equivalent_len():

@@ -112,24 +112,11 @@ GEMM_CASES = [
 ]
 
 
-def _spy_gemm(monkeypatch):
-    calls = []
-    real = est_kernel._launch_gemm
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(est_kernel, "_launch_gemm", spy)
-    return calls
-
-
 @pytest.mark.parametrize("gemm", [True, False])
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk,s,dtype", GEMM_CASES)
-def test_gemm_form_matches_reference(poisoned, overrides, monkeypatch, gemm, B, Hq, Hkv, Lq, Lk, D, bq, bk, s,
-                                     dtype):
+def test_gemm_form_matches_reference(poisoned, overrides, spy, gemm, B, Hq, Hkv, Lq, Lk, D, bq, bk, s, dtype):
     overrides(GEMM=gemm)
-    calls = _spy_gemm(monkeypatch)
+    calls = spy(est_kernel, "_launch_gemm")
     q, k = rand((B, Hq, Lq, D), dtype), rand((B, Hkv, Lk, D), dtype)
     check(q, k, bq, bk, s)
     assert len(calls) == int(gemm)
@@ -143,9 +130,9 @@ def test_gemm_form_matches_reference(poisoned, overrides, monkeypatch, gemm, B, 
         dict(ROWS=64, BKD=16, FLAT=True),  # 16 query blocks per item (11 past nq), s*D in 4 chunks
     ],
 )
-def test_gemm_form_tile_and_schedule_paths(poisoned, overrides, monkeypatch, cfg):
+def test_gemm_form_tile_and_schedule_paths(poisoned, overrides, spy, cfg):
     overrides(GEMM=True, **cfg)
-    calls = _spy_gemm(monkeypatch)
+    calls = spy(est_kernel, "_launch_gemm")
     q = rand((2, 70, 6, 16), torch.float16).transpose(1, 2)  # [B, L, H, D] storage: copied into place
     k = rand((2, 2, 130, 16), torch.float16)
     check(q, k, 16, 16, 4, scale=0.3)

@@ -172,7 +172,7 @@ def test_fa4_dense_preset_matches_sdpa_gpu():
 
 
 @pytest.mark.gpu
-def test_auto_backend_short_prompts_gpu(monkeypatch):
+def test_auto_backend_short_prompts_gpu(spy):
     """``backend="auto"`` with FlashAttention-4: a threshold-mode call below ``THRESHOLD_MODE_MIN_TOKENS`` runs
     FlashAttention-4 dense before planning (recorded in the plan), with ``auto`` and with an explicit ``fa4``
     (the dense guard applies to both); a quota-mode call below ``AUTO_FA4_MIN_TOKENS`` keeps the sparse path on
@@ -196,14 +196,7 @@ def test_auto_backend_short_prompts_gpu(monkeypatch):
         assert float(plan.level_map.density()) == pytest.approx(1.0)
         assert float((got.double() - ref).norm() / ref.norm()) <= 1e-2
     # quota mode: sparse; which attend stage ran is seen through the Triton kernel's entry point
-    calls = []
-    real = triton_attention.sparse_attention
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(triton_attention, "sparse_attention", spy)
+    calls = spy(triton_attention, "sparse_attention")
     quota = PSAConfig.preset("quota-0.2")
     a, plan_q = run_psa(q, k, v, quota, backend="auto")
     assert calls and plan_q.dense_reason is None and float(plan_q.level_map.density()) < 0.5
