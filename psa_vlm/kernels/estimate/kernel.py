@@ -12,9 +12,11 @@ Two forms of one computation (``_gemm_form`` picks; both are tested against the 
 capability 9.0+). The antidiagonal sum is one dot product of two ``s * D``-long rows:
 ``Qr[r] = q[r*s], ..., q[r*s+s-1]`` side by side and ``Kr[c] = k[c*s+s-1], ..., k[c*s]`` (the group reversed),
 so the logits are the plain product ``Qr @ Kr^T`` with a ``s * D``-deep reduction, read through TMA tensor
-descriptors. ``Qr`` is ``q`` itself when ``q`` is contiguous ``[B, Hq, Lq, D]``, 16-byte aligned, with
-``Lq % s == 0``, else one zero-padded copy (0.5 ms at 64k tokens for transformers' ``[B, L, H, D]`` storage on
-an H200); ``Kr`` is always a copy (``Hkv / Hq`` of the query bytes). A work item is ``BM`` = 128 consecutive reduced rows of one
+descriptors. ``Qr`` is read in place (``_gemm_query``) from contiguous ``[B, Hq, Lq, D]`` with ``Lq % s == 0``
+and from transformers' ``[B, L, H, D]`` storage with ``Lq % s == 0`` or batch 1 (a ragged last group then
+comes from a zero-padded copy of every head's last row tile, read by the items of that tile); otherwise it is
+one zero-padded copy (0.5 ms at 64k tokens on an H200). ``Kr`` is always a copy (``Hkv / Hq`` of the query
+bytes). A work item is ``BM`` = 128 consecutive reduced rows of one
 query head (``128 / (bq/s)`` whole query blocks), walking the key tiles up to its causal limit; the items of
 one row tile's ``Hq`` heads run side by side, so the ``Hkv`` key streams are shared through L2.
 
@@ -60,7 +62,7 @@ import functools
 import logging
 import math
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -353,8 +355,59 @@ def _estimate_kernel(
 
 
 @triton.jit
+def _gemm_rows(
+    q_desc,
+    q_row,  # first descriptor row of the item
+    col_t,  # descriptor columns per query sub-row (``D`` in a reduced-row buffer, ``Hq * D`` in place)
+    col_h,  # the head's column offset (0 in a reduced-row buffer, ``h * D`` in place)
+    k_desc,
+    k_row,
+    n_tiles,
+    scr_rows,
+    row_ok,
+    last_m,
+    min_last,
+    col_c,
+    col_ok,
+    nk,
+    qk_scale,
+    S: tl.constexpr,
+    DH: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    KPB: tl.constexpr,
+    BKD: tl.constexpr,
+    NKD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FLAT: tl.constexpr,
+):
+    """First pass of one item: the row tile's logits against every key tile up to its causal limit.
+
+    Chunk ``kk`` of a reduced row (elements ``kk*BKD ..``) is sub-row ``t = kk*BKD // DH`` at element
+    ``kk*BKD % DH``; the launcher guarantees a chunk never straddles two sub-rows where ``col_t != DH``.
+    """
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    for jt in tl.range(0, n_tiles, flatten=FLAT):
+        acc = tl.zeros([BM, BN], tl.float32)
+        for kk in range(0, NKD):
+            c = kk * BKD
+            qt = q_desc.load([q_row, (c // DH) * col_t + col_h + c % DH])
+            kt = k_desc.load([k_row + jt * BN, c])
+            if UPCAST:
+                qt = qt.to(tl.float32)
+                kt = kt.to(tl.float32)
+            acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT_PREC)
+        m_i, l_i = _tile_lse(acc, m_i, l_i, scr_rows, row_ok, last_m, min_last, col_c, col_ok, jt, nk, qk_scale, S,
+                             BM, BN, KPB, KPB)
+    return m_i, l_i
+
+
+@triton.jit
 def _gemm_item(
-    q_desc,  # [B*Hq*Rq, s*D]: reduced query rows (row r of a head = its s query rows, concatenated)
+    q_desc,  # the queries' reduced rows: in place or a reduced-row buffer (``_gemm_query``)
+    t_desc,  # ``[B*Hq*BM, s*D]``: the last row tile of every head, zero-padded (read when HAS_TAIL)
     k_desc,  # [B*Hkv*Rk, s*D]: reduced keys, each group's s keys in reverse order
     out_ptr,
     scr_rows,
@@ -369,12 +422,17 @@ def _gemm_item(
     Rq,
     Rk,
     n_rt,
+    row_b,  # q_desc rows per batch
+    row_h,  # q_desc rows per head (0 in place)
+    col_t,
+    col_hd,  # q_desc columns per head (``D`` in place, else 0)
     Hq,
     G,
     BH,  # B * Hq
     qk_scale,
     S: tl.constexpr,
     SD: tl.constexpr,
+    DH: tl.constexpr,
     RB: tl.constexpr,
     PP: tl.constexpr,
     BM: tl.constexpr,
@@ -382,6 +440,7 @@ def _gemm_item(
     KPB: tl.constexpr,
     BKD: tl.constexpr,
     NJ: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FLAT: tl.constexpr,
@@ -402,24 +461,18 @@ def _gemm_item(
     last_max = tl.max(tl.where(row_ok, last_m, 0), axis=0)
     nvis = last_max // (KPB * S) + 1  # KV blocks visible to some row of the item
     n_tiles = tl.cdiv(nvis, NBT)
-    q_row = bh * Rq + rt * BM
     k_row = (bh // G) * Rk  # (b * Hkv + h // G) * Rk
     col_c = tl.arange(0, BN)
     col_ok = col_c < BN
 
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    for jt in tl.range(0, n_tiles, flatten=FLAT):
-        acc = tl.zeros([BM, BN], tl.float32)
-        for kk in range(0, NKD):
-            qt = q_desc.load([q_row, kk * BKD])
-            kt = k_desc.load([k_row + jt * BN, kk * BKD])
-            if UPCAST:
-                qt = qt.to(tl.float32)
-                kt = kt.to(tl.float32)
-            acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT_PREC)
-        m_i, l_i = _tile_lse(acc, m_i, l_i, scr_rows, row_ok, last_m, min_last, col_c, col_ok, jt, nk, qk_scale, S,
-                             BM, BN, KPB, KPB)
+    if HAS_TAIL and rt == n_rt - 1:  # the ragged last group lives in the zero-padded tail buffer
+        m_i, l_i = _gemm_rows(t_desc, bh * BM, DH, 0, k_desc, k_row, n_tiles, scr_rows, row_ok, last_m, min_last,
+                              col_c, col_ok, nk, qk_scale, S, DH, BM, BN, KPB, BKD, NKD, UPCAST, DOT_PREC, FLAT)
+    else:
+        q_row = b * row_b + h * row_h + rt * BM
+        m_i, l_i = _gemm_rows(q_desc, q_row, col_t, h * col_hd, k_desc, k_row, n_tiles, scr_rows, row_ok, last_m,
+                              min_last, col_c, col_ok, nk, qk_scale, S, DH, BM, BN, KPB, BKD, NKD, UPCAST, DOT_PREC,
+                              FLAT)
 
     lse_row = m_i + tl.log2(l_i)  # [BM]
     tl.debug_barrier()  # the scratch written above is read back by other threads of the program
@@ -441,12 +494,14 @@ def _gemm_item(
 
 
 #: Length-derived integer arguments of the GEMM form (see ``_LENGTH_ARGS``).
-_GEMM_LENGTH_ARGS = ("stride_ob", "stride_oh", "stride_oq", "Lq", "Lk", "nq", "nk", "Rq", "Rk", "n_rt", "n_items")
+_GEMM_LENGTH_ARGS = ("stride_ob", "stride_oh", "stride_oq", "Lq", "Lk", "nq", "nk", "Rq", "Rk", "n_rt", "n_items",
+                     "row_b", "row_h")
 
 
 @triton.jit(do_not_specialize=_GEMM_LENGTH_ARGS)
 def _estimate_gemm_kernel(
     q_desc,
+    t_desc,
     k_desc,
     out_ptr,
     scr_ptr,
@@ -461,6 +516,10 @@ def _estimate_gemm_kernel(
     Rk,
     n_rt,  # row tiles of BM reduced rows per head
     n_items,  # n_rt * B * Hq
+    row_b,
+    row_h,
+    col_t,
+    col_hd,
     Hq,
     G,
     BH,
@@ -468,6 +527,7 @@ def _estimate_gemm_kernel(
     pitch,
     S: tl.constexpr,
     SD: tl.constexpr,
+    DH: tl.constexpr,
     RB: tl.constexpr,
     PP: tl.constexpr,
     BM: tl.constexpr,
@@ -475,6 +535,7 @@ def _estimate_gemm_kernel(
     KPB: tl.constexpr,
     BKD: tl.constexpr,
     NJ: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FLAT: tl.constexpr,
@@ -485,8 +546,9 @@ def _estimate_gemm_kernel(
     for rnd in range(0, tl.cdiv(n_items, nprog)):
         item = rnd * nprog + tl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
         if item < n_items:
-            _gemm_item(q_desc, k_desc, out_ptr, scr_rows, item, stride_ob, stride_oh, stride_oq, Lq, Lk, nq, nk, Rq,
-                       Rk, n_rt, Hq, G, BH, qk_scale, S, SD, RB, PP, BM, BN, KPB, BKD, NJ, UPCAST, DOT_PREC, FLAT)
+            _gemm_item(q_desc, t_desc, k_desc, out_ptr, scr_rows, item, stride_ob, stride_oh, stride_oq, Lq, Lk, nq,
+                       nk, Rq, Rk, n_rt, row_b, row_h, col_t, col_hd, Hq, G, BH, qk_scale, S, SD, DH, RB, PP, BM, BN,
+                       KPB, BKD, NJ, HAS_TAIL, UPCAST, DOT_PREC, FLAT)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -555,28 +617,84 @@ def _gemm_form(q: torch.Tensor, RB: int, KPB: int, s: int, D: int, interpret: bo
     return bool(want) and able
 
 
-def _gemm_operands(q: torch.Tensor, k: torch.Tensor, s: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[B*Hq*Rq, s*D]`` reduced query rows and ``[B*Hkv*Rk, s*D]`` reversed reduced keys, zero-padded.
+class _GemmQuery(NamedTuple):
+    """The query operand of the GEMM form (``_gemm_query``).
 
-    Reduced row ``r`` is query rows ``r*s .. r*s+s-1`` side by side, reduced key ``c`` is keys ``c*s+s-1 .. c*s``
-    (reversed), so ``Qr[r] . Kr[c] = sum_t q[r*s+s-1-t] . k[c*s+t]``: the antidiagonal sum is one dot product.
-    A contiguous ``q`` whose length is a multiple of ``s`` is used in place; otherwise it is copied once into a
-    zero-padded buffer (the reference zero-pads the last group). The keys are always copied (``Hkv / Hq`` of the
-    query bytes).
+    Element ``d`` of sub-row ``t`` of reduced row ``r`` of head ``h`` in batch ``b`` is
+    ``view[b*row_b + h*row_h + r, t*col_t + h*col_hd + d]``; rows of the last row tile come from ``tail``
+    (``[B*Hq*BM, s*D]``, row ``(b*Hq + h)*BM + r - (n_rt-1)*BM``) where it is not ``None``.
+    """
+
+    view: torch.Tensor
+    row_b: int
+    row_h: int
+    col_t: int
+    col_hd: int
+    tail: Optional[torch.Tensor]
+    bkd: int  # the descriptor chunk (``BKD``) this layout is read with
+
+
+def _gemm_query(q: torch.Tensor, s: int, BM: int, BKD: int, interpret: bool) -> _GemmQuery:
+    """Reduced query rows for the GEMM form, in place where the storage allows it.
+
+    - ``q`` contiguous ``[B, Hq, Lq, D]`` with ``Lq % s == 0``: ``view`` = ``[B*Hq*Rq, s*D]``.
+    - ``q`` a ``[B, Hq, Lq, D]`` view of ``[B, Lq, Hq, D]`` storage (transformers' layout after its
+      ``transpose(1, 2)``) with ``Lq % s == 0`` or ``B == 1``, and a descriptor chunk that divides ``D`` (so it
+      stays in one query row: ``BKD`` halved down to 32, 16 under the interpreter, if needed): ``view`` = ``[B*(Lq//s), s*Hq*D]``, head ``h`` at column offset ``h*D``. A ragged last
+      group (``B == 1``) is read from ``tail``, a zero-padded copy of every head's last row tile
+      (``B*Hq*BM*s*D`` elements, 7 MB for Qwen2.5-VL-7B at s 8), since the missing rows lie past the storage.
+    - Anything else: one zero-padded copy ``[B, Hq, Rq*s, D]`` (the reference zero-pads the last group), in the
+      first layout.
+
+    All views need 16-byte alignment (TMA).
     """
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    Rq, Rk = cdiv(Lq, s), cdiv(Lk, s)
-    if q.is_contiguous() and Lq == Rq * s and q.data_ptr() % 16 == 0:
-        qr = q.view(B * Hq * Rq, s * D)
-    else:
-        buf = torch.empty((B, Hq, Rq * s, D), dtype=q.dtype, device=q.device)
-        buf[:, :, :Lq].copy_(q)
-        buf[:, :, Lq:].zero_()
-        qr = buf.view(B * Hq * Rq, s * D)
+    Rq = cdiv(Lq, s)
+    SD = s * D
+    aligned = q.data_ptr() % 16 == 0
+    if aligned and q.is_contiguous() and Lq == Rq * s:
+        return _GemmQuery(q.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, None, BKD)
+    sb, sh, sl, sd = q.stride()
+    blhd = sd == 1 and sh == D and sl == Hq * D and (B == 1 or sb == Lq * Hq * D)
+    bkd = _gemm_bkd(BKD, D, interpret)
+    if aligned and blhd and D % bkd == 0 and (Lq == Rq * s or B == 1):
+        full = Lq // s  # complete groups per head
+        tail = None
+        if full < Rq:
+            start = (cdiv(Rq, BM) - 1) * BM * s
+            buf = torch.empty((B, Hq, BM * s, D), dtype=q.dtype, device=q.device)
+            buf[:, :, : Lq - start].copy_(q[:, :, start:])
+            buf[:, :, Lq - start:].zero_()
+            tail = buf.view(B * Hq * BM, SD)
+        if full == 0:  # every row is in the tail; the in-place descriptor is never read
+            return _GemmQuery(tail, 0, 0, D, 0, tail, bkd)
+        view = q.as_strided((B * full, s * Hq * D), (s * Hq * D, 1))
+        return _GemmQuery(view, full, 0, Hq * D, D, tail, bkd)
+    buf = torch.empty((B, Hq, Rq * s, D), dtype=q.dtype, device=q.device)
+    buf[:, :, :Lq].copy_(q)
+    buf[:, :, Lq:].zero_()
+    return _GemmQuery(buf.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, None, BKD)
+
+
+def _gemm_keys(k: torch.Tensor, s: int) -> torch.Tensor:
+    """``[B*Hkv*Rk, s*D]`` reversed reduced keys, zero-padded: reduced key ``c`` is keys ``c*s+s-1 .. c*s``.
+
+    So ``Qr[r] . Kr[c] = sum_t q[r*s+s-1-t] . k[c*s+t]``: the antidiagonal sum is one dot product. Always a copy
+    (``Hkv / Hq`` of the query bytes).
+    """
+    B, Hkv, Lk, D = k.shape
+    Rk = cdiv(Lk, s)
     kp = k if Lk == Rk * s else torch.nn.functional.pad(k, (0, 0, 0, Rk * s - Lk))
-    kr = kp.reshape(B, Hkv, Rk, s, D).flip(3).reshape(B * Hkv * Rk, s * D)
-    return qr, kr
+    return kp.reshape(B, Hkv, Rk, s, D).flip(3).reshape(B * Hkv * Rk, s * D)
+
+
+def _gemm_bkd(cfg_bkd: int, D: int, interpret: bool) -> int:
+    """The in-place layout's descriptor chunk: the tile option, halved while it does not divide ``D``, but not
+    below 32 on a GPU (narrower boxes would cost more than the copy they save; a guess, not measured) or 16."""
+    bkd = cfg_bkd
+    while D % bkd and bkd > (16 if interpret else 32):
+        bkd //= 2
+    return bkd if D % bkd == 0 else cfg_bkd
 
 
 def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB: int, KPB: int, scale: float,
@@ -588,10 +706,14 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
     nq, nk = out.shape[2], out.shape[3]
     SD = s * D
     cfg = _gemm_tiles(RB, KPB, SD, interpret, _OVERRIDES)
-    BM, BN, BKD = cfg["BM"], cfg["BN"], cfg["BKD"]
-    qr, kr = _gemm_operands(q, k, s)
+    BM, BN = cfg["BM"], cfg["BN"]
+    qo = _gemm_query(q, s, BM, cfg["BKD"], interpret)
+    BKD = qo.bkd
+    kr = _gemm_keys(k, s)
     Rq, Rk = cdiv(Lq, s), cdiv(Lk, s)
-    q_desc = TensorDescriptor(qr, list(qr.shape), list(qr.stride()), [BM, BKD])
+    q_desc = TensorDescriptor(qo.view, list(qo.view.shape), list(qo.view.stride()), [BM, BKD])
+    t_desc = q_desc if qo.tail is None else TensorDescriptor(qo.tail, list(qo.tail.shape), list(qo.tail.stride()),
+                                                             [BM, BKD])
     k_desc = TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [BN, BKD])
     n_rt = cdiv(Rq, BM)
     n_items = n_rt * B * Hq
@@ -599,6 +721,7 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
     upcast = interpret and q.dtype == torch.bfloat16
     _estimate_gemm_kernel[(programs,)](
         q_desc,
+        t_desc,
         k_desc,
         out,
         scratch,
@@ -611,6 +734,10 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         Rk,
         n_rt,
         n_items,
+        qo.row_b,
+        qo.row_h,
+        qo.col_t,
+        qo.col_hd,
         Hq,
         Hq // Hkv,
         B * Hq,
@@ -618,6 +745,7 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         pitch,
         S=s,
         SD=SD,
+        DH=D,
         RB=RB,
         PP=cfg["PP"],
         BM=BM,
@@ -625,6 +753,7 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         KPB=KPB,
         BKD=BKD,
         NJ=cfg["NJ"],
+        HAS_TAIL=qo.tail is not None,
         UPCAST=upcast,
         DOT_PREC="ieee" if upcast else "tf32",
         FLAT=cfg["FLAT"],
