@@ -143,6 +143,9 @@ class PSAPlan:
     kv_flags: Optional[torch.Tensor]
     #: Set when the dense guard ran dense attention instead of the sparse stage (``PSAConfig.dense_guard``).
     dense_reason: Optional[str] = None
+    #: The backend whose attend stage runs (or, where the dense guard ran dense attention, would run) this plan:
+    #: ``"fa4"``, ``"triton"`` or ``"reference"``; ``None`` for the dense guard's shortcut before planning.
+    attend_backend: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -246,9 +249,10 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
 
     ``"auto"``: on CUDA, ``"fa4"`` when FlashAttention-4 imports and the device has compute capability 9.x or
     newer (its first import takes a few seconds), else ``"triton"``; on the CPU, ``"reference"``. Under
-    ``"auto"`` a call shorter than ``psa_vlm.cost.AUTO_FA4_MIN_TOKENS`` (49,152 tokens of
-    ``causal_equivalent_len``) still runs its attend stage on the Triton kernel (``attend_backend``:
-    FlashAttention-4's per-call costs weigh most there); FlashAttention-4's dense forward stays the dense path.
+    ``"auto"`` the attend stage of each call runs on the engine predicted faster for its plan's level mix
+    (``psa_vlm.cost.faster_attend_backend``: the Triton kernel's single launch for low-density plans and short
+    prompts, FlashAttention-4's level launches for dense ones), by length where the mix is not known on the host
+    (``attend_backend``); FlashAttention-4's dense forward stays the dense path.
     ``"fa4"`` runs pooling, estimation and level assignment in Triton and the attention stage on
     FlashAttention-4's block-sparse forward (calls it cannot express go to the Triton kernel, with a log line).
 
@@ -298,11 +302,14 @@ def causal_equivalent_len(lq: int, lk: int) -> int:
 
 
 def attend_backend(backend: str, resolved: str, seq_len: int) -> str:
-    """The backend whose attend stage runs a call of ``seq_len`` tokens (``causal_equivalent_len``).
+    """The backend whose attend stage runs a call of ``seq_len`` tokens (``causal_equivalent_len``), before planning.
 
     ``resolved`` (``resolve_backend(backend, device)``), except that ``backend="auto"`` keeps the Triton attend
     stage below ``psa_vlm.cost.AUTO_FA4_MIN_TOKENS``, where FlashAttention-4's per-call costs (four level
-    launches, the list split, the merge) weigh most (H200 measurements in ``psa_vlm.cost``). An explicit
+    launches, the list split, the merge) weigh most (H200 measurements in ``psa_vlm.cost``). Once the plan's
+    level mix is known on the host (a quota config, or a threshold-mode plan whose histogram the dense guard
+    reads), ``run_psa`` replaces this length rule by ``cost.faster_attend_backend`` and records the engine in
+    ``PSAPlan.attend_backend``. An explicit
     ``backend="fa4"`` keeps FlashAttention-4's attend stage at every length (the dense guard may still run dense
     attention, ``PSAConfig.dense_guard``). Planning (pool, estimate, assign) runs the same Triton kernels either
     way.
@@ -599,7 +606,7 @@ def run_psa(
             return None, plan
         return (out if out is not None else q.new_empty(B, Hq, Lq, D)), plan
     attend_be = attend_backend(backend, be, causal_equivalent_len(Lq, Lk))
-    pyramid_pool, block_importance, assign_levels, sparse_attention = _ops(attend_be)
+    pyramid_pool, block_importance, assign_levels, _ = _ops(attend_be)  # planning: the same kernels for both
     bq, bk = config.block_q, config.block_k
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -658,8 +665,11 @@ def run_psa(
         pool_factors=pool_factors,
         kv_flags=kv_flags,
     )
+    attend_be, hist = _auto_attend_backend(backend, be, attend_be, plan, config, q, k, guarded and level_map is None)
+    plan.attend_backend = attend_be
     if plan_only:
         return None, plan
+    sparse_attention = _ops(attend_be)[3]
     if config.dense and be == "fa4" and level_map is None and key_padding_mask is None:
         # exact causal attention: FlashAttention-4's dense forward is the fastest form of the all-full plan
         from .kernels.attention.fa4 import dense_attention, fa4_unsupported
@@ -667,7 +677,8 @@ def run_psa(
         if fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None:
             return dense_attention(q, k, v, scale=scale, out=out), plan
     if guarded:
-        dense = _guarded_dense(attend_be, plan.level_map, q, k, v, scale, config, fa4_dense=be == "fa4")
+        dense = _guarded_dense(attend_be, plan.level_map, q, k, v, scale, config, fa4_dense=be == "fa4",
+                               histogram=hist)
         if dense is not None:
             plan.dense_reason, o = dense
             if out is not None:
@@ -692,12 +703,36 @@ def run_psa(
     return o, plan
 
 
+def _auto_attend_backend(backend: str, be: str, attend_be: str, plan: PSAPlan, config: PSAConfig, q, k,
+                         may_read: bool) -> Tuple[str, Optional[list]]:
+    """``(attend-stage backend, level histogram read on the host or None)`` once the plan exists.
+
+    Under ``backend="auto"`` with FlashAttention-4 available, the engine whose predicted attend time is lower for
+    the plan's level mix (``cost.faster_attend_backend``): a quota config's own mix (no host read), or the
+    plan's histogram where ``may_read`` (the dense guard reads it anyway; returned so it is read once). Without a
+    known mix the length rule of ``attend_backend`` stands.
+    """
+    from .cost import config_histogram, faster_attend_backend
+
+    if backend != "auto" or be != "fa4" or config.dense:
+        return attend_be, None
+    mix = config_histogram(config)
+    hist = None
+    if mix is None:
+        if not may_read:
+            return attend_be, None
+        hist = mix = plan.level_map.histogram_tensor().tolist()
+    B, Hq, Lq, D = q.shape
+    return faster_attend_backend(mix, B, Hq, D, Lq, k.shape[2]), hist
+
+
 def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, config: PSAConfig,
-                   fa4_dense: bool = False):
+                   fa4_dense: bool = False, histogram: Optional[list] = None):
     """``(reason, dense output)`` when the cost model says dense attention is faster than the plan, else ``None``.
 
     ``backend`` is the attend stage's (``attend_backend``); ``fa4_dense`` says FlashAttention-4 is installed and
-    usable on this device. Reads the level histogram on the host (one synchronisation). Dense attention is the
+    usable on this device. Reads the level histogram on the host (one synchronisation) unless ``histogram``
+    (already read) is given. Dense attention is the
     fastest available: FlashAttention-4's where ``fa4_dense`` and it supports the call, else SDPA (cuDNN/flash)
     when ``Lq == Lk``; without FlashAttention-4 the Triton backend keeps the sparse stage for ``Lq < Lk`` (SDPA's
     ``is_causal`` is top-left). The Triton cost model is relative to cuDNN SDPA, about 1.1x FlashAttention-4's
@@ -720,8 +755,9 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
     # read keeps the attend stage's launches queued behind the planning (the read costs ~1 ms at 64k)
     if quota_cost_ratio(backend, config) < 0.8:
         return None
-    reason = dense_guard_reason(backend, level_map.histogram_tensor().tolist(),
-                                against="FlashAttention-4 dense" if fa4_dense else None)
+    if histogram is None:
+        histogram = level_map.histogram_tensor().tolist()
+    reason = dense_guard_reason(backend, histogram, against="FlashAttention-4 dense" if fa4_dense else None)
     if reason is None:
         return None
     logger.debug("PSA dense guard: %s", reason)

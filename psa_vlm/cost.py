@@ -23,7 +23,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 __all__ = [
     "AttendCost", "ATTEND_COSTS", "AUTO_FA4_MIN_TOKENS", "THRESHOLD_MODE_MIN_TOKENS", "attend_cost_ratio",
-    "quota_cost_ratio", "dense_guard_reason", "short_prompt_reason",
+    "quota_cost_ratio", "dense_guard_reason", "short_prompt_reason", "EngineTime", "ENGINE_TIMES",
+    "predict_attend_ms", "faster_attend_backend", "config_histogram",
 ]
 
 #: ``backend="auto"`` runs the attend stage on FlashAttention-4 only from this many tokens
@@ -33,7 +34,8 @@ __all__ = [
 #: quota-0.2 2.96 / 2.10 ms, paper 4.64 / 2.94; 32k quota-0.2 5.70 / 5.91, paper 5.08 / 4.26; 64k quota-0.2
 #: 19.36 / 20.43, paper 10.56 / 8.93 (docs/PERFORMANCE.md). A length-only compromise: Triton wins clearly at 16k
 #: and for low-density plans at every measured length, fa4 by 4-5% for quota-0.2 from 32k; nothing was measured
-#: between 32k and 64k. A choice by the plan's density after planning would be better (not built).
+#: between 32k and 64k. Used only where the plan's level mix is not known on the host (a threshold-mode call
+#: without the dense guard, a caller's level map); otherwise ``faster_attend_backend`` decides by the mix.
 AUTO_FA4_MIN_TOKENS = 49152
 
 #: With FlashAttention-4's dense forward available (the fastest dense attention on Hopper), threshold-mode
@@ -146,3 +148,87 @@ def short_prompt_reason(backend: str, mode: str, seq_len: int) -> Optional[str]:
         f"prompt of {seq_len} tokens: threshold-mode PSA does not beat FlashAttention-4 dense below "
         f"{THRESHOLD_MODE_MIN_TOKENS} tokens (psa_vlm.cost.THRESHOLD_MODE_MIN_TOKENS), so dense attention ran"
     )
+
+
+# ---------------------------------------------------------------------------------------------- engine choice
+@dataclass(frozen=True)
+class EngineTime:
+    """Absolute time model of one attend-stage engine (``predict_attend_ms``).
+
+    Attributes:
+        per_factor: ms per ms of cuDNN dense attention, per unit of FLOP density at factors 1, 2, 4, 8.
+        fixed_ms: Per-call cost independent of the size (launches from Python, tail effects).
+        ms_per_gelem: Per-call cost per 10^9 output elements ``B * Lq * Hq * D`` (fa4: the level partials
+            written and read back by the merge, the list split).
+    """
+
+    per_factor: Tuple[float, float, float, float]
+    fixed_ms: float
+    ms_per_gelem: float
+
+
+#: cuDNN SDPA's causal forward rate on an H200, bf16, D 128 (47.5 ms at 64k, Hq 28: 649 TFLOP/s); the unit of
+#: ``EngineTime.per_factor``. Only the ratio of the two engines' predictions matters for the choice.
+DENSE_TFLOPS = 650.0
+
+#: H200, bf16, Hq 28 / Hkv 4, D 128, video inputs (NOTES_fa4.md v1-v4, eval/results/attention.csv, commits
+#: 7a7944f-2023a36). ``triton``: the single-launch kernel, 1.4x (full-resolution tiles) and 1.6x (packed pooled
+#: tiles) of cuDNN per unit density, +0.1 ms. ``fa4``: level-1 and level-2 launches at 1.25 / 1.31x of
+#: FlashAttention-4 dense (0.905x cuDNN at 64k), factors 4 and 8 in one Triton launch at 1.91x; split + merge
+#: 0.64 ms at 64k (0.235 G elements), ~0.6 ms of launches. Predictions against the measured attend stages
+#: (fa4 / Triton, ms): 64k quota-0.2 14.1 / 15.2 (13.6 / 15.0), paper 2.8 / 2.2 (3.8 / 2.7), quota-0.1 8.1 / 8.2
+#: (8.2-8.4 / 8.3); 32k quota-0.2 4.4 / 4.1 (4.1 / 4.2), paper 2.6 / 2.0 (2.5 / 2.1); 16k quota-0.2 1.8 / 1.2
+#: (1.4 / 1.2); 128k quota-0.2 52.3 / 58.6 (49.7 / 57.4).
+ENGINE_TIMES: Dict[str, EngineTime] = {
+    "triton": EngineTime(per_factor=(1.4, 1.6, 1.6, 1.6), fixed_ms=0.1, ms_per_gelem=0.0),
+    "fa4": EngineTime(per_factor=(1.13, 1.19, 1.73, 1.73), fixed_ms=0.6, ms_per_gelem=2.72),
+}
+
+
+def predict_attend_ms(engine: str, histogram: Sequence[float], batch: int, heads: int, head_dim: int, lq: int,
+                      lk: int) -> float:
+    """Predicted attend-stage time (ms, H200-calibrated) of ``engine`` for a call with this level mix.
+
+    Args:
+        engine: ``"fa4"`` or ``"triton"`` (``ENGINE_TIMES``).
+        histogram: Counts or fractions of the visible pairs at factors 1, 2, 4, 8 and skipped
+            (``LevelMap.histogram_tensor`` or ``config_histogram``).
+        batch, heads, head_dim: ``B``, ``Hq``, ``D``.
+        lq, lk: Query and key lengths (bottom-right-aligned causal).
+
+    Raises:
+        KeyError: ``engine`` without a model. ValueError: a malformed histogram.
+    """
+    model = ENGINE_TIMES[engine]
+    h = [float(x) for x in histogram]
+    if len(h) != 5 or any(x < 0 for x in h):
+        raise ValueError(f"histogram must hold 5 non-negative counts (factors 1, 2, 4, 8, skip), got {histogram!r}")
+    total = sum(h)
+    pairs = max(0, lq * (2 * lk - lq)) / 2  # visible (query, key) pairs of one head
+    dense_ms = 4.0 * batch * heads * head_dim * pairs / (DENSE_TFLOPS * 1e9)
+    work = 0.0 if total <= 0 else sum(c * x / p for c, x, p in zip(model.per_factor, h[:4], (1, 2, 4, 8))) / total
+    return model.fixed_ms + model.ms_per_gelem * batch * lq * heads * head_dim / 1e9 + work * dense_ms
+
+
+def faster_attend_backend(histogram: Sequence[float], batch: int, heads: int, head_dim: int, lq: int,
+                          lk: int) -> str:
+    """``"fa4"`` or ``"triton"``: the attend-stage engine ``predict_attend_ms`` puts first for this level mix.
+
+    ``backend="auto"`` uses it once the mix is known on the host (a quota config's own mix, or the histogram
+    the dense guard reads), so low-density plans keep the Triton kernel's single launch at any length and dense
+    ones take FlashAttention-4's level launches.
+    """
+    args = (histogram, batch, heads, head_dim, lq, lk)
+    return "fa4" if predict_attend_ms("fa4", *args) < predict_attend_ms("triton", *args) else "triton"
+
+
+def config_histogram(config) -> Optional[Tuple[float, float, float, float, float]]:
+    """A quota-mode config's level mix as a histogram (its quotas, the rest skipped), else ``None``.
+
+    Forced blocks (sink, diagonal, text) move a real plan's mix towards full resolution by a few percent of the
+    visible blocks at long lengths; the choice of engine does not hinge on that.
+    """
+    if getattr(config, "mode", None) != "quota" or config.quotas is None or config.dense:
+        return None
+    q = [float(x) for x in config.quotas]
+    return (q[0], q[1], q[2], q[3], max(0.0, 1.0 - sum(q)))

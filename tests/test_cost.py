@@ -1,4 +1,5 @@
-"""The dense guard's decision logic (``psa_vlm.cost``): sparse stage vs the fastest dense attention."""
+"""The decision logic of ``psa_vlm.cost``: sparse stage vs the fastest dense attention (the dense guard), and
+which engine runs the attend stage under ``backend="auto"``."""
 
 import pytest
 
@@ -7,9 +8,13 @@ from psa_vlm.api import attend_backend
 from psa_vlm.cost import (
     ATTEND_COSTS,
     AUTO_FA4_MIN_TOKENS,
+    ENGINE_TIMES,
     THRESHOLD_MODE_MIN_TOKENS,
     attend_cost_ratio,
+    config_histogram,
     dense_guard_reason,
+    faster_attend_backend,
+    predict_attend_ms,
     quota_cost_ratio,
     short_prompt_reason,
 )
@@ -73,3 +78,56 @@ def test_short_threshold_mode_prompts_run_dense_where_fa4_dense_runs():
     assert short_prompt_reason("fa4", PSAConfig.preset("quota-0.2").mode, 1024) is None  # fixed mix: sparse
     assert short_prompt_reason("triton", "threshold", 1024) is None  # SDPA is the dense path there: sparse wins
     assert short_prompt_reason("reference", "threshold", 1024) is None
+
+
+# ---------------------------------------------------------------------------------------------- engine choice
+# Qwen2.5-VL-7B attention (B 1, Hq 28, D 128); mixes measured on the benchmark's video input (attention.csv)
+MIXES = {
+    "quota-0.2": (0.1143, 0.0982, 0.0986, 0.1976, 0.4913),
+    "quota-0.1": (0.0651, 0.0492, 0.0491, 0.0988, 0.7378),
+    "paper@64k": (0.0297, 0.0013, 0.002, 0.0, 0.967),
+    "binary-0.5": (0.5, 0.0, 0.0, 0.0, 0.5),
+}
+
+
+@pytest.mark.parametrize(
+    "mix,L,want",
+    [
+        ("quota-0.2", 65536, "fa4"),  # measured 13.6 (fa4) vs 15.0 ms (Triton)
+        ("quota-0.2", 131072, "fa4"),  # 49.7 vs 57.4
+        ("quota-0.2", 16384, "triton"),  # 1.39 vs 1.23
+        ("paper@64k", 65536, "triton"),  # 3.84 vs 2.66: low density, FlashAttention-4's per-call costs dominate
+        ("paper@64k", 131072, "triton"),
+        ("binary-0.5", 65536, "fa4"),  # dense plans: FlashAttention-4's full-resolution tiles
+    ],
+)
+def test_faster_engine_matches_the_measured_order(mix, L, want):
+    assert faster_attend_backend(MIXES[mix], 1, 28, 128, L, L) == want
+
+
+def test_predicted_time_grows_with_work_and_length_and_names_bad_input():
+    args = (1, 28, 128)
+    for engine in ("fa4", "triton"):
+        lo = predict_attend_ms(engine, MIXES["quota-0.1"], *args, 65536, 65536)
+        hi = predict_attend_ms(engine, MIXES["quota-0.2"], *args, 65536, 65536)
+        longer = predict_attend_ms(engine, MIXES["quota-0.2"], *args, 131072, 131072)
+        assert 0 < lo < hi < longer
+        # counts or fractions: the same mix
+        assert predict_attend_ms(engine, [x * 1000 for x in MIXES["quota-0.2"]], *args, 65536, 65536) == \
+            pytest.approx(hi)
+        # a chunk of 4k queries over 64k keys does ~1/8 of a 64k prefill's work
+        chunk = predict_attend_ms(engine, MIXES["quota-0.2"], *args, 4096, 65536)
+        assert chunk < hi / 4
+    assert predict_attend_ms("triton", [0, 0, 0, 0, 0], *args, 1024, 1024) == pytest.approx(
+        ENGINE_TIMES["triton"].fixed_ms)
+    with pytest.raises(ValueError, match="5 non-negative counts"):
+        predict_attend_ms("fa4", [1, 2], *args, 128, 128)
+    with pytest.raises(KeyError):
+        predict_attend_ms("reference", MIXES["quota-0.2"], *args, 128, 128)
+
+
+def test_config_histogram_is_the_quota_mix():
+    assert config_histogram(PSAConfig.preset("quota-0.2")) == pytest.approx(
+        tuple(PSAConfig.preset("quota-0.2").quotas) + (1 - sum(PSAConfig.preset("quota-0.2").quotas),))
+    assert config_histogram(PSAConfig.preset("paper")) is None  # threshold mode: known after planning only
+    assert config_histogram(PSAConfig.preset("dense")) is None

@@ -173,8 +173,8 @@ def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backen
     ``dense`` holds the dense baselines of the run; the speed-up is against the fastest of them,
     ``attend_over_ideal`` is the attend stage over ``density x cuDNN dense`` (the kernel issue's yardstick).
     ``backend`` runs the stage timings; ``requested`` (default ``backend``) is what the whole call is given, e.g.
-    ``"auto"``, so that the whole call takes the same decisions a user's call takes (``api.attend_backend``,
-    the dense guard).
+    ``"auto"``, so that the whole call takes the same decisions a user's call takes (the attend-stage engine,
+    ``PSAPlan.attend_backend``; the dense guard).
     """
     call_backend = backend if requested is None else requested  # the whole call as a user's (``"auto"``) runs
     from ..api import _ops, block_flags, run_psa
@@ -261,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
         raise CLIError("bench-attention needs a CUDA GPU (H100/H200); use `psa-vlm demo` on the CPU")
     from .synthetic import video_like_qkv
 
-    from ..api import attend_backend, resolve_backend
+    from ..api import attend_backend, resolve_backend, run_psa
 
     env = environment()
     try:
@@ -293,7 +293,10 @@ def main(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CLIError(str(exc)) from None
             chk: Optional[Dict[str, float]] = None
-            be_L = attend_backend(args.backend, backend, L)  # "auto" keeps Triton's attend stage on short prompts
+            # the attend stage's engine as the user's call picks it ("auto": by the plan's level mix)
+            _, plan0 = run_psa(q, k, v, cfg, backend=args.backend, plan_only=True)
+            be_L = plan0.attend_backend or attend_backend(args.backend, backend, L)
+            del plan0
             if not args.no_check:
                 chk = check_stages(q, k, v, cfg, backend=be_L)
             row = bench_one(q, k, v, cfg, dense, args.rep, be_L, requested=args.backend)

@@ -379,7 +379,14 @@ def main(args: argparse.Namespace) -> int:
             t = _time(lambda: prefill(model, embeds), args.reps)
             unpatch(model)
             ok = dense_ok and bool(torch.isfinite(logits).all())
-            rows.append(dict(seq_len=L, method=full, backend=attend_backend(args.backend, backend, L), density=d,
+            engines = st.get("attend_backends") or {}  # per layer under "auto"
+            if len(engines) == 1:
+                be_label = next(iter(engines))
+            elif engines:
+                be_label = " + ".join(f"{e} x{n}" for e, n in sorted(engines.items()))
+            else:
+                be_label = attend_backend(args.backend, backend, L)
+            rows.append(dict(seq_len=L, method=full, backend=be_label, density=d,
                              ttft_s=t, dense_ttft_s=dense_t,
                              fastest_dense=fastest, speedup=(dense_t / t) if ok else "",
                              speedup_vs_sdpa=(sdpa_t / t) if ok else "", sdpa_ttft_s=sdpa_t,

@@ -344,6 +344,7 @@ class _LayerRecord:
     lq: int
     lk: int
     dense_reason: Optional[str] = None  # the dense guard ran dense attention instead of the plan
+    attend_backend: Optional[str] = None  # PSAPlan.attend_backend
 
 
 @dataclass
@@ -516,7 +517,8 @@ class PSAAttentionFunction:
         if o is not None and o.data_ptr() != out.data_ptr():  # a backend that ignored ``out``
             out.copy_(o.transpose(1, 2))
         lm = plan.level_map
-        module._psa_last = _LayerRecord(lm.density_tensor(), lm.histogram_tensor(), B, lq, lk, plan.dense_reason)
+        module._psa_last = _LayerRecord(lm.density_tensor(), lm.histogram_tensor(), B, lq, lk, plan.dense_reason,
+                                       plan.attend_backend)
         for fn in list(state.observers):
             fn(layer_idx, out, _DenseOut(module, self.original, query, key, value, attention_mask, args, kwargs), plan)
         return out, None
@@ -886,8 +888,11 @@ def psa_stats(model: Any) -> Dict[str, Any]:
 
     Returns:
         ``{"layers": {layer_idx: {"density", "sparsity", "histogram", "batch", "lq", "lk", "dense_guard",
-        "planned_density"}}, "density": mean over the listed layers or None, "histogram": level fractions over all
-        listed layers or None, "dense_guard_layers": how many layers the dense guard ran dense}``; histograms are
+        "planned_density", "attend_backend"}}, "density": mean over the listed layers or None, "histogram": level
+        fractions over all listed layers or None, "dense_guard_layers": how many layers the dense guard ran dense,
+        "attend_backends": {engine: number of layers}}``; ``attend_backend`` is the engine of the layer's attend
+        stage (``PSAPlan.attend_backend``: ``"fa4"``, ``"triton"`` or ``"reference"``; under ``backend="auto"``
+        chosen per layer from its level mix), ``None`` where dense attention ran before planning; histograms are
         fractions of the causally valid (head, query block, KV block) pairs at
         ``full``/``pool2``/``pool4``/``pool8``/``skip`` of the level map. Where the dense guard
         (``PSAConfig.dense_guard``) ran dense attention, ``dense_guard`` holds its reason and ``density`` is 1.0
@@ -916,14 +921,20 @@ def psa_stats(model: Any) -> Dict[str, Any]:
             "lk": rec.lk,
             "dense_guard": rec.dense_reason,
             "planned_density": planned,
+            "attend_backend": rec.attend_backend,
         }
         total = [t + c for t, c in zip(total, counts)]
     if not layers:
-        return {"layers": {}, "density": None, "histogram": None, "dense_guard_layers": 0}
+        return {"layers": {}, "density": None, "histogram": None, "dense_guard_layers": 0, "attend_backends": {}}
     n = max(sum(total), 1)
+    engines: Dict[str, int] = {}
+    for v in layers.values():
+        if v["attend_backend"] is not None:
+            engines[v["attend_backend"]] = engines.get(v["attend_backend"], 0) + 1
     return {
         "layers": layers,
         "density": sum(v["density"] for v in layers.values()) / len(layers),
         "histogram": {k: c / n for k, c in zip(_LEVELS, total)},
         "dense_guard_layers": sum(1 for v in layers.values() if v["dense_guard"]),
+        "attend_backends": engines,
     }

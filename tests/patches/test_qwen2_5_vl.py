@@ -172,6 +172,7 @@ def test_dense_preset_equals_unpatched(model, inputs, reference):
     torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
     stats = psa_vlm.psa_stats(model)
     assert sorted(stats["layers"]) == [0, 1, 2] and stats["density"] == pytest.approx(1.0)
+    assert stats["attend_backends"] == {"reference": 3}  # the CPU's backend under "auto", every layer
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(tokens, ref_tokens)
@@ -181,7 +182,8 @@ def test_short_prefill_and_decode_use_original_attention(model, inputs, referenc
     """Below min_seq_len the original sdpa function runs with the same arguments: bit-identical logits."""
     psa_vlm.patch_qwen25vl(model, "paper")  # min_seq_len 4096 > prompt
     assert torch.equal(_logits(model, inputs), reference[0])
-    assert psa_vlm.psa_stats(model) == {"layers": {}, "density": None, "histogram": None, "dense_guard_layers": 0}
+    assert psa_vlm.psa_stats(model) == {"layers": {}, "density": None, "histogram": None, "dense_guard_layers": 0,
+                                       "attend_backends": {}}
     with torch.no_grad():
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), reference[1])
 

@@ -82,6 +82,7 @@ def test_dense_guard_runs_dense_for_a_dense_plan(text_model, embeds, reference):
     break_even = (1.0 - ATTEND_COSTS["triton"].overhead) / max(ATTEND_COSTS["triton"].per_factor)
     guarded = [v for v in stats["layers"].values() if v["dense_guard"]]
     assert stats["dense_guard_layers"] == len(guarded)
+    assert stats["attend_backends"] == {"triton": N_LAYERS}
     for v in stats["layers"].values():
         if v["dense_guard"]:
             assert v["density"] == 1.0 and break_even * 0.9 < v["planned_density"] <= 1.0, v
