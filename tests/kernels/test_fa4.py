@@ -204,3 +204,28 @@ def test_auto_backend_short_prompts_gpu(spy):
     b, plan_f = run_psa(q, k, v, quota, backend="fa4")
     assert not calls and plan_f.dense_reason is None
     assert float((a.float() - b.float()).norm() / b.float().norm()) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_auto_engine_by_level_mix_gpu(spy):
+    """``backend="auto"`` at 64k tokens: a quota-0.2 plan takes FlashAttention-4's level launches, a plan of 3%
+    density the Triton kernel's single launch (``cost.faster_attend_backend``); each output equals the other
+    engine's on the same plan."""
+    _need_fa4()
+    from psa_vlm import PSAConfig
+    from psa_vlm.api import run_psa
+    from psa_vlm.bench.synthetic import video_like_qkv
+    from psa_vlm.kernels.attention import fa4 as fa4_mod
+
+    q, k, v = video_like_qkv(1, 28, 4, 65536, 128, dtype=torch.bfloat16, device="cuda", seed=None)
+    launches = spy(fa4_mod, "flash_attn_level")
+    for cfg, engine in ((PSAConfig.preset("quota-0.2"), "fa4"),
+                        (PSAConfig.preset("binary-0.2").replace(quotas=(0.03, 0.0, 0.0, 0.0)), "triton")):
+        launches.clear()
+        out = torch.full_like(q, float("nan"))
+        got, plan = run_psa(q, k, v, cfg, backend="auto", out=out)
+        assert plan.attend_backend == engine and plan.dense_reason is None
+        assert bool(launches) == (engine == "fa4")
+        assert not torch.isnan(out).any()
+        other, _ = run_psa(q, k, v, cfg, backend="triton" if engine == "fa4" else "fa4")
+        assert float((got.float() - other.float()).norm() / other.float().norm()) <= 1e-2
