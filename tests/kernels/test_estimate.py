@@ -140,40 +140,38 @@ def test_gemm_form_tile_and_schedule_paths(poisoned, overrides, spy, cfg):
 
 
 # transformers' layout: [B, Hq, L, D] views of [B, L, Hq, D] storage, read in place (no query copy) when
-# L % s == 0 or B == 1; a ragged last group (B == 1) comes from the zero-padded tail tile
-INPLACE_CASES = [
-    # B, Hq, Hkv, Lq, Lk, D, bq, bk, s, ROWS (reduced rows per item), tail buffer expected
-    (1, 4, 2, 301, 301, 16, 16, 16, 4, 32, True),  # ragged, 3 row tiles: two in place, the last from the tail
-    (1, 6, 2, 250, 390, 32, 32, 16, 8, 16, True),  # Lq < Lk, D 32 (BKD 32: one chunk per query row), GQA 3
-    (2, 4, 1, 256, 300, 16, 16, 32, 4, 32, False),  # batch 2, Lq % s == 0: in place, no tail
-    (1, 2, 1, 3, 40, 16, 16, 16, 4, 32, True),  # Lq < s: every row in the tail
-    (1, 4, 2, 700, 700, 16, 128, 128, 16, 32, True),  # s 16 on 128 x 128 blocks, ragged, 2 row tiles
-    (1, 2, 1, 97, 120, 16, 32, 32, 8, 16, True),  # bf16 (upcast after the load), ragged
+# L % s == 0; a ragged last group (whose missing rows lie past the storage) goes through the padded copy
+LAYOUT_CASES = [
+    # B, Hq, Hkv, Lq, Lk, D, bq, bk, s, ROWS (reduced rows per item), read in place
+    (1, 4, 2, 320, 320, 16, 16, 16, 4, 32, True),  # 3 row tiles in place
+    (1, 6, 2, 256, 390, 32, 32, 16, 8, 16, True),  # Lq < Lk, D 32 (BKD 32: one chunk per query row), GQA 3
+    (2, 4, 1, 256, 300, 16, 16, 32, 4, 32, True),  # batch 2
+    (1, 4, 2, 704, 704, 16, 128, 128, 16, 32, True),  # s 16 on 128 x 128 blocks, 2 row tiles
+    (1, 2, 1, 96, 120, 16, 32, 32, 8, 16, True),  # bf16 (upcast after the load)
+    (1, 4, 2, 301, 301, 16, 16, 16, 4, 32, False),  # ragged: copied
+    (2, 4, 1, 70, 130, 16, 16, 16, 4, 32, False),  # ragged, batch 2: copied
 ]
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk,s,rows,tail", INPLACE_CASES)
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk,s,rows,in_place", LAYOUT_CASES)
 def test_gemm_form_reads_transformers_layout_in_place(poisoned, overrides, B, Hq, Hkv, Lq, Lk, D, bq, bk, s, rows,
-                                                      tail):
+                                                      in_place):
     overrides(GEMM=True, ROWS=rows, PROGRAMS=2)
-    dtype = torch.bfloat16 if Lq == 97 else torch.float16
+    dtype = torch.bfloat16 if Lq == 96 else torch.float16
     q = rand((B, Lq, Hq, D), dtype).transpose(1, 2)
     k = rand((B, Hkv, Lk, D), dtype)
     cfg = est_kernel._gemm_tiles(bq // s, bk // s, s * D, True, est_kernel._OVERRIDES)
-    qo = est_kernel._gemm_query(q, s, cfg["BM"], cfg["BKD"], True)
-    if Lq >= s:
-        assert qo.view.data_ptr() == q.data_ptr(), "the query was copied"
-    assert (qo.tail is not None) == tail and qo.col_hd == (D if Lq >= s else 0)
+    qo = est_kernel._gemm_query(q, s, cfg["BKD"], True)
+    assert (qo.view.data_ptr() == q.data_ptr()) == in_place and qo.col_hd == (D if in_place else 0)
     check(q, k, bq, bk, s)
 
 
 def test_gemm_form_copies_what_it_cannot_read_in_place():
-    q = rand((2, 70, 4, 16), torch.float16).transpose(1, 2)  # batch 2 and a ragged last group
-    qo = est_kernel._gemm_query(q, 4, 32, 32, True)
-    assert qo.view.data_ptr() != q.data_ptr() and qo.tail is None and qo.col_hd == 0
-    q = rand((1, 70, 4, 24), torch.float16).transpose(1, 2)  # D 24: no chunk of 16 or more divides it
-    qo = est_kernel._gemm_query(q, 4, 32, 32, True)
+    q = rand((1, 72, 4, 24), torch.float16).transpose(1, 2)  # D 24: no chunk of 16 or more divides it
+    qo = est_kernel._gemm_query(q, 4, 32, True)
     assert qo.view.data_ptr() != q.data_ptr() and qo.bkd == 32
+    q = rand((1, 4, 72, 16), torch.float16)[:, :, :64]  # strided [B, H, L, D]: neither layout
+    assert est_kernel._gemm_query(q, 4, 32, True).view.data_ptr() != q.data_ptr()
 
 
 def test_gemm_form_refuses_what_it_cannot_run(overrides):
@@ -235,10 +233,10 @@ def test_gpu_bf16_qwen_shapes(overrides, Lq, Lk, layout, s, gemm):
     q = q[:, :, Lk - Lq :]
     if layout == "blhd":
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
-        if gemm:  # read in place, the ragged last group from the tail tile
+        if gemm:  # read in place unless the last group is ragged
             cfg = est_kernel._gemm_tiles(128 // s, 128 // s, s * 128, False, est_kernel._OVERRIDES)
-            qo = est_kernel._gemm_query(q, s, cfg["BM"], cfg["BKD"], False)
-            assert qo.view.data_ptr() == q.data_ptr() and (qo.tail is not None) == (Lq % s != 0)
+            qo = est_kernel._gemm_query(q, s, cfg["BKD"], False)
+            assert (qo.view.data_ptr() == q.data_ptr()) == (Lq % s == 0)
     got = block_importance(q, k, block_q=128, block_k=128, stride=s)
     ref = block_importance_ref(q.float(), k.float(), block_q=128, block_k=128, stride=s)
     assert torch.isfinite(got).all()

@@ -12,10 +12,9 @@ Two forms of one computation (``_gemm_form`` picks; both are tested against the 
 capability 9.0+). The antidiagonal sum is one dot product of two ``s * D``-long rows:
 ``Qr[r] = q[r*s], ..., q[r*s+s-1]`` side by side and ``Kr[c] = k[c*s+s-1], ..., k[c*s]`` (the group reversed),
 so the logits are the plain product ``Qr @ Kr^T`` with a ``s * D``-deep reduction, read through TMA tensor
-descriptors. ``Qr`` is read in place (``_gemm_query``) from contiguous ``[B, Hq, Lq, D]`` with ``Lq % s == 0``
-and from transformers' ``[B, L, H, D]`` storage with ``Lq % s == 0`` or batch 1 (a ragged last group then
-comes from a zero-padded copy of every head's last row tile, read by the items of that tile); otherwise it is
-one zero-padded copy (0.5 ms at 64k tokens on an H200). ``Kr`` is always a copy (``Hkv / Hq`` of the query
+descriptors. ``Qr`` is read in place (``_gemm_query``) from contiguous ``[B, Hq, Lq, D]`` and from transformers'
+``[B, L, H, D]`` storage when ``Lq % s == 0``; otherwise it is one zero-padded copy (0.5 ms at 64k tokens on an
+H200). ``Kr`` is always a copy (``Hkv / Hq`` of the query
 bytes). A work item is ``BM`` = 128 consecutive reduced rows of one
 query head (``128 / (bq/s)`` whole query blocks), walking the key tiles up to its causal limit; the items of
 one row tile's ``Hq`` heads run side by side, so the ``Hkv`` key streams are shared through L2.
@@ -355,59 +354,8 @@ def _estimate_kernel(
 
 
 @triton.jit
-def _gemm_rows(
-    q_desc,
-    q_row,  # first descriptor row of the item
-    col_t,  # descriptor columns per query sub-row (``D`` in a reduced-row buffer, ``Hq * D`` in place)
-    col_h,  # the head's column offset (0 in a reduced-row buffer, ``h * D`` in place)
-    k_desc,
-    k_row,
-    n_tiles,
-    scr_rows,
-    row_ok,
-    last_m,
-    min_last,
-    col_c,
-    col_ok,
-    nk,
-    qk_scale,
-    S: tl.constexpr,
-    DH: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    KPB: tl.constexpr,
-    BKD: tl.constexpr,
-    NKD: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    FLAT: tl.constexpr,
-):
-    """First pass of one item: the row tile's logits against every key tile up to its causal limit.
-
-    Chunk ``kk`` of a reduced row (elements ``kk*BKD ..``) is sub-row ``t = kk*BKD // DH`` at element
-    ``kk*BKD % DH``; the launcher guarantees a chunk never straddles two sub-rows where ``col_t != DH``.
-    """
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    for jt in tl.range(0, n_tiles, flatten=FLAT):
-        acc = tl.zeros([BM, BN], tl.float32)
-        for kk in range(0, NKD):
-            c = kk * BKD
-            qt = q_desc.load([q_row, (c // DH) * col_t + col_h + c % DH])
-            kt = k_desc.load([k_row + jt * BN, c])
-            if UPCAST:
-                qt = qt.to(tl.float32)
-                kt = kt.to(tl.float32)
-            acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT_PREC)
-        m_i, l_i = _tile_lse(acc, m_i, l_i, scr_rows, row_ok, last_m, min_last, col_c, col_ok, jt, nk, qk_scale, S,
-                             BM, BN, KPB, KPB)
-    return m_i, l_i
-
-
-@triton.jit
 def _gemm_item(
     q_desc,  # the queries' reduced rows: in place or a reduced-row buffer (``_gemm_query``)
-    t_desc,  # ``[B*Hq*BM, s*D]``: the last row tile of every head, zero-padded (read when HAS_TAIL)
     k_desc,  # [B*Hkv*Rk, s*D]: reduced keys, each group's s keys in reverse order
     out_ptr,
     scr_rows,
@@ -440,7 +388,6 @@ def _gemm_item(
     KPB: tl.constexpr,
     BKD: tl.constexpr,
     NJ: tl.constexpr,
-    HAS_TAIL: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FLAT: tl.constexpr,
@@ -465,14 +412,25 @@ def _gemm_item(
     col_c = tl.arange(0, BN)
     col_ok = col_c < BN
 
-    if HAS_TAIL and rt == n_rt - 1:  # the ragged last group lives in the zero-padded tail buffer
-        m_i, l_i = _gemm_rows(t_desc, bh * BM, DH, 0, k_desc, k_row, n_tiles, scr_rows, row_ok, last_m, min_last,
-                              col_c, col_ok, nk, qk_scale, S, DH, BM, BN, KPB, BKD, NKD, UPCAST, DOT_PREC, FLAT)
-    else:
-        q_row = b * row_b + h * row_h + rt * BM
-        m_i, l_i = _gemm_rows(q_desc, q_row, col_t, h * col_hd, k_desc, k_row, n_tiles, scr_rows, row_ok, last_m,
-                              min_last, col_c, col_ok, nk, qk_scale, S, DH, BM, BN, KPB, BKD, NKD, UPCAST, DOT_PREC,
-                              FLAT)
+    q_row = b * row_b + h * row_h + rt * BM
+    col_h = h * col_hd
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    for jt in tl.range(0, n_tiles, flatten=FLAT):
+        acc = tl.zeros([BM, BN], tl.float32)
+        for kk in range(0, NKD):
+            # chunk kk of a reduced row is query sub-row kk*BKD // DH at element kk*BKD % DH (the launcher keeps a
+            # chunk inside one query row where col_t != DH)
+            c = kk * BKD
+            qt = q_desc.load([q_row, (c // DH) * col_t + col_h + c % DH])
+            kt = k_desc.load([k_row + jt * BN, c])
+            if UPCAST:
+                qt = qt.to(tl.float32)
+                kt = kt.to(tl.float32)
+            acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT_PREC)
+        m_i, l_i = _tile_lse(acc, m_i, l_i, scr_rows, row_ok, last_m, min_last, col_c, col_ok, jt, nk, qk_scale, S,
+                             BM, BN, KPB, KPB)
 
     lse_row = m_i + tl.log2(l_i)  # [BM]
     tl.debug_barrier()  # the scratch written above is read back by other threads of the program
@@ -501,7 +459,6 @@ _GEMM_LENGTH_ARGS = ("stride_ob", "stride_oh", "stride_oq", "Lq", "Lk", "nq", "n
 @triton.jit(do_not_specialize=_GEMM_LENGTH_ARGS)
 def _estimate_gemm_kernel(
     q_desc,
-    t_desc,
     k_desc,
     out_ptr,
     scr_ptr,
@@ -535,7 +492,6 @@ def _estimate_gemm_kernel(
     KPB: tl.constexpr,
     BKD: tl.constexpr,
     NJ: tl.constexpr,
-    HAS_TAIL: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FLAT: tl.constexpr,
@@ -546,9 +502,9 @@ def _estimate_gemm_kernel(
     for rnd in range(0, tl.cdiv(n_items, nprog)):
         item = rnd * nprog + tl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
         if item < n_items:
-            _gemm_item(q_desc, t_desc, k_desc, out_ptr, scr_rows, item, stride_ob, stride_oh, stride_oq, Lq, Lk, nq,
-                       nk, Rq, Rk, n_rt, row_b, row_h, col_t, col_hd, Hq, G, BH, qk_scale, S, SD, DH, RB, PP, BM, BN,
-                       KPB, BKD, NJ, HAS_TAIL, UPCAST, DOT_PREC, FLAT)
+            _gemm_item(q_desc, k_desc, out_ptr, scr_rows, item, stride_ob, stride_oh, stride_oq, Lq, Lk, nq, nk, Rq,
+                       Rk, n_rt, row_b, row_h, col_t, col_hd, Hq, G, BH, qk_scale, S, SD, DH, RB, PP, BM, BN, KPB, BKD,
+                       NJ, UPCAST, DOT_PREC, FLAT)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -618,62 +574,48 @@ def _gemm_form(q: torch.Tensor, RB: int, KPB: int, s: int, D: int, interpret: bo
 
 
 class _GemmQuery(NamedTuple):
-    """The query operand of the GEMM form (``_gemm_query``).
-
-    Element ``d`` of sub-row ``t`` of reduced row ``r`` of head ``h`` in batch ``b`` is
-    ``view[b*row_b + h*row_h + r, t*col_t + h*col_hd + d]``; rows of the last row tile come from ``tail``
-    (``[B*Hq*BM, s*D]``, row ``(b*Hq + h)*BM + r - (n_rt-1)*BM``) where it is not ``None``.
-    """
+    """The query operand of the GEMM form (``_gemm_query``): element ``d`` of sub-row ``t`` of reduced row ``r`` of
+    head ``h`` in batch ``b`` is ``view[b*row_b + h*row_h + r, t*col_t + h*col_hd + d]``."""
 
     view: torch.Tensor
     row_b: int
     row_h: int
     col_t: int
     col_hd: int
-    tail: Optional[torch.Tensor]
     bkd: int  # the descriptor chunk (``BKD``) this layout is read with
 
 
-def _gemm_query(q: torch.Tensor, s: int, BM: int, BKD: int, interpret: bool) -> _GemmQuery:
+def _gemm_query(q: torch.Tensor, s: int, BKD: int, interpret: bool) -> _GemmQuery:
     """Reduced query rows for the GEMM form, in place where the storage allows it.
 
     - ``q`` contiguous ``[B, Hq, Lq, D]`` with ``Lq % s == 0``: ``view`` = ``[B*Hq*Rq, s*D]``.
     - ``q`` a ``[B, Hq, Lq, D]`` view of ``[B, Lq, Hq, D]`` storage (transformers' layout after its
-      ``transpose(1, 2)``) with ``Lq % s == 0`` or ``B == 1``, and a descriptor chunk that divides ``D`` (so it
-      stays in one query row: ``BKD`` halved down to 32, 16 under the interpreter, if needed): ``view`` = ``[B*(Lq//s), s*Hq*D]``, head ``h`` at column offset ``h*D``. A ragged last
-      group (``B == 1``) is read from ``tail``, a zero-padded copy of every head's last row tile
-      (``B*Hq*BM*s*D`` elements, 7 MB for Qwen2.5-VL-7B at s 8), since the missing rows lie past the storage.
-    - Anything else: one zero-padded copy ``[B, Hq, Rq*s, D]`` (the reference zero-pads the last group), in the
-      first layout.
+      ``transpose(1, 2)``) with ``Lq % s == 0`` and a descriptor chunk that divides ``D`` (so it stays in one
+      query row: ``BKD`` halved down to 32, 16 under the interpreter, if needed): ``view`` = ``[B*Rq, s*Hq*D]``,
+      head ``h`` at column offset ``h*D``.
+    - Anything else, a ragged last group included (its missing rows lie past the storage; the reference zero-pads
+      them): one zero-padded copy ``[B, Hq, Rq*s, D]`` in the first layout (0.5 ms at 64k tokens on an H200).
+      Reading the ragged group from a zero-padded copy of the last row tile instead was measured and dropped:
+      the kernel's two code paths cost more than the copy (v7, ``NOTES_stages.md``).
 
     All views need 16-byte alignment (TMA).
     """
     B, Hq, Lq, D = q.shape
     Rq = cdiv(Lq, s)
     SD = s * D
-    aligned = q.data_ptr() % 16 == 0
-    if aligned and q.is_contiguous() and Lq == Rq * s:
-        return _GemmQuery(q.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, None, BKD)
+    even = Lq == Rq * s and q.data_ptr() % 16 == 0
+    if even and q.is_contiguous():
+        return _GemmQuery(q.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, BKD)
     sb, sh, sl, sd = q.stride()
     blhd = sd == 1 and sh == D and sl == Hq * D and (B == 1 or sb == Lq * Hq * D)
     bkd = _gemm_bkd(BKD, D, interpret)
-    if aligned and blhd and D % bkd == 0 and (Lq == Rq * s or B == 1):
-        full = Lq // s  # complete groups per head
-        tail = None
-        if full < Rq:
-            start = (cdiv(Rq, BM) - 1) * BM * s
-            buf = torch.empty((B, Hq, BM * s, D), dtype=q.dtype, device=q.device)
-            buf[:, :, : Lq - start].copy_(q[:, :, start:])
-            buf[:, :, Lq - start:].zero_()
-            tail = buf.view(B * Hq * BM, SD)
-        if full == 0:  # every row is in the tail; the in-place descriptor is never read
-            return _GemmQuery(tail, 0, 0, D, 0, tail, bkd)
-        view = q.as_strided((B * full, s * Hq * D), (s * Hq * D, 1))
-        return _GemmQuery(view, full, 0, Hq * D, D, tail, bkd)
+    if even and blhd and D % bkd == 0:
+        view = q.as_strided((B * Rq, s * Hq * D), (s * Hq * D, 1))
+        return _GemmQuery(view, Rq, 0, Hq * D, D, bkd)
     buf = torch.empty((B, Hq, Rq * s, D), dtype=q.dtype, device=q.device)
     buf[:, :, :Lq].copy_(q)
     buf[:, :, Lq:].zero_()
-    return _GemmQuery(buf.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, None, BKD)
+    return _GemmQuery(buf.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, BKD)
 
 
 def _gemm_keys(k: torch.Tensor, s: int) -> torch.Tensor:
@@ -707,13 +649,11 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
     SD = s * D
     cfg = _gemm_tiles(RB, KPB, SD, interpret, _OVERRIDES)
     BM, BN = cfg["BM"], cfg["BN"]
-    qo = _gemm_query(q, s, BM, cfg["BKD"], interpret)
+    qo = _gemm_query(q, s, cfg["BKD"], interpret)
     BKD = qo.bkd
     kr = _gemm_keys(k, s)
     Rq, Rk = cdiv(Lq, s), cdiv(Lk, s)
     q_desc = TensorDescriptor(qo.view, list(qo.view.shape), list(qo.view.stride()), [BM, BKD])
-    t_desc = q_desc if qo.tail is None else TensorDescriptor(qo.tail, list(qo.tail.shape), list(qo.tail.stride()),
-                                                             [BM, BKD])
     k_desc = TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [BN, BKD])
     n_rt = cdiv(Rq, BM)
     n_items = n_rt * B * Hq
@@ -721,7 +661,6 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
     upcast = interpret and q.dtype == torch.bfloat16
     _estimate_gemm_kernel[(programs,)](
         q_desc,
-        t_desc,
         k_desc,
         out,
         scratch,
@@ -753,7 +692,6 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         KPB=KPB,
         BKD=BKD,
         NJ=cfg["NJ"],
-        HAS_TAIL=qo.tail is not None,
         UPCAST=upcast,
         DOT_PREC="ieee" if upcast else "tf32",
         FLAT=cfg["FLAT"],
