@@ -176,9 +176,10 @@ DENSE_TFLOPS = 650.0
 #: tiles) of cuDNN per unit density, +0.1 ms. ``fa4``: level-1 and level-2 launches at 1.25 / 1.31x of
 #: FlashAttention-4 dense (0.905x cuDNN at 64k), factors 4 and 8 in one Triton launch at 1.91x; split + merge
 #: 0.64 ms at 64k (0.235 G elements), ~0.6 ms of launches. Predictions against the measured attend stages
-#: (fa4 / Triton, ms): 64k quota-0.2 14.1 / 15.2 (13.6 / 15.0), paper 2.8 / 2.2 (3.8 / 2.7), quota-0.1 8.1 / 8.2
-#: (8.2-8.4 / 8.3); 32k quota-0.2 4.4 / 4.1 (4.1 / 4.2), paper 2.6 / 2.0 (2.5 / 2.1); 16k quota-0.2 1.8 / 1.2
-#: (1.4 / 1.2); 128k quota-0.2 52.3 / 58.6 (49.7 / 57.4).
+#: (fa4 / Triton, ms): 64k quota-0.2 14.2 / 15.1 (13.6 / 15.0), paper 2.9 / 2.2 (3.8 / 2.7), quota-0.1 8.1 / 8.2
+#: (8.2-8.4 / 8.3); 32k quota-0.2 4.3 / 4.1 (4.1 / 4.2), paper 2.5 / 2.0 (2.5 / 2.1); 16k quota-0.2 1.7 / 1.2
+#: (1.4 / 1.2); 128k quota-0.2 52.3 / 58.6 (49.7 / 57.4). Calibrated on one card and input family: on another GPU
+#: the H200's constants decide (a wrong pick costs speed, never correctness).
 ENGINE_TIMES: Dict[str, EngineTime] = {
     "triton": EngineTime(per_factor=(1.4, 1.6, 1.6, 1.6), fixed_ms=0.1, ms_per_gelem=0.0),
     "fa4": EngineTime(per_factor=(1.13, 1.19, 1.73, 1.73), fixed_ms=0.6, ms_per_gelem=2.72),
