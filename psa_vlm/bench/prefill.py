@@ -384,6 +384,8 @@ def main(args: argparse.Namespace) -> int:
                 be_label = next(iter(engines))
             elif engines:
                 be_label = " + ".join(f"{e} x{n}" for e, n in sorted(engines.items()))
+            elif st.get("dense_guard_layers"):
+                be_label = "dense"  # every layer ran dense attention before planning (the dense guard)
             else:
                 be_label = attend_backend(args.backend, backend, L)
             rows.append(dict(seq_len=L, method=full, backend=be_label, density=d,
