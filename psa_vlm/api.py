@@ -143,8 +143,10 @@ class PSAPlan:
     kv_flags: Optional[torch.Tensor]
     #: Set when the dense guard ran dense attention instead of the sparse stage (``PSAConfig.dense_guard``).
     dense_reason: Optional[str] = None
-    #: The backend whose attend stage runs (or, where the dense guard ran dense attention, would run) this plan:
-    #: ``"fa4"``, ``"triton"`` or ``"reference"``; ``None`` for the dense guard's shortcut before planning.
+    #: The engine whose attend stage runs (or, where the dense guard ran dense attention, would run) this plan:
+    #: ``"fa4"``, ``"triton"`` (also where the fa4 backend falls back to the Triton kernel) or ``"reference"``;
+    #: ``None`` where dense attention ran instead of any attend stage (the dense guard's shortcut before planning,
+    #: the dense preset on FlashAttention-4's dense forward).
     attend_backend: Optional[str] = None
 
 
@@ -665,8 +667,16 @@ def run_psa(
         pool_factors=pool_factors,
         kv_flags=kv_flags,
     )
-    attend_be, hist = _auto_attend_backend(backend, be, attend_be, plan, config, q, k, guarded and level_map is None)
-    plan.attend_backend = attend_be
+    fa4_reason = _fa4_attend_reason(q, config, pool_factors, key_padding_mask) if be == "fa4" else None
+    if fa4_reason is None:
+        attend_be, hist = _auto_attend_backend(backend, be, attend_be, plan, config, q, k,
+                                               may_read=guarded and not plan_only, given_map=level_map is not None)
+    elif backend == "auto":
+        attend_be, hist = "triton", None  # the only engine that can run this call's sparse stage
+    else:
+        hist = None  # explicit fa4: its launcher logs the reason and runs the Triton kernel
+    # what runs the attend stage: the Triton kernel also where fa4's launcher falls back to it
+    plan.attend_backend = "triton" if (fa4_reason is not None and attend_be == "fa4") else attend_be
     if plan_only:
         return None, plan
     sparse_attention = _ops(attend_be)[3]
@@ -675,6 +685,7 @@ def run_psa(
         from .kernels.attention.fa4 import dense_attention, fa4_unsupported
 
         if fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None:
+            plan.attend_backend = None  # dense attention, no attend stage
             return dense_attention(q, k, v, scale=scale, out=out), plan
     if guarded:
         dense = _guarded_dense(attend_be, plan.level_map, q, k, v, scale, config, fa4_dense=be == "fa4",
@@ -703,18 +714,27 @@ def run_psa(
     return o, plan
 
 
+def _fa4_attend_reason(q, config: PSAConfig, pool_factors, key_padding_mask) -> Optional[str]:
+    """Why FlashAttention-4's attend stage cannot run this call (``fa4.fa4_unsupported``), or ``None``."""
+    from .kernels.attention.fa4 import fa4_unsupported
+
+    return fa4_unsupported(q, block_q=config.block_q, block_k=config.block_k, factors=pool_factors,
+                           key_padding_mask=key_padding_mask)
+
+
 def _auto_attend_backend(backend: str, be: str, attend_be: str, plan: PSAPlan, config: PSAConfig, q, k,
-                         may_read: bool) -> Tuple[str, Optional[list]]:
+                         may_read: bool, given_map: bool) -> Tuple[str, Optional[list]]:
     """``(attend-stage backend, level histogram read on the host or None)`` once the plan exists.
 
-    Under ``backend="auto"`` with FlashAttention-4 available, the engine whose predicted attend time is lower for
-    the plan's level mix (``cost.faster_attend_backend``): a quota config's own mix (no host read), or the
-    plan's histogram where ``may_read`` (the dense guard reads it anyway; returned so it is read once). Without a
-    known mix the length rule of ``attend_backend`` stands.
+    Under ``backend="auto"`` with FlashAttention-4 available and able to run the call, the engine whose predicted
+    attend time is lower for the plan's level mix (``cost.faster_attend_backend``): a quota config's own mix (no
+    host read), or the plan's histogram where ``may_read`` (the dense guard will run and read it: returned so it
+    is read once). A caller's level map, threshold mode without the guard, and ``plan_only`` keep the length rule
+    of ``attend_backend``.
     """
     from .cost import config_histogram, faster_attend_backend
 
-    if backend != "auto" or be != "fa4" or config.dense:
+    if backend != "auto" or be != "fa4" or config.dense or given_map:
         return attend_be, None
     mix = config_histogram(config)
     hist = None

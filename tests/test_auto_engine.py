@@ -33,6 +33,7 @@ def auto_fa4(monkeypatch, spy):
         return "fa4" if backend in ("auto", "fa4") else backend
 
     monkeypatch.setattr(api, "check_config_for_backend", check)
+    monkeypatch.setattr(api, "_fa4_attend_reason", lambda *a: None)  # as on a Hopper GPU with flash-attn-4
 
     class Calls:
         fa4 = spy(fa4, "sparse_attention")
@@ -73,18 +74,47 @@ def test_quota_config_decides_by_its_own_mix_without_a_host_read(auto_fa4, monke
 
 
 def test_threshold_plan_decides_by_its_histogram_read_once(auto_fa4, monkeypatch):
-    seen = []
+    seen, handed = [], []
 
     def decide(histogram, batch, heads, head_dim, lq, lk):
         seen.append((list(histogram), batch, heads, head_dim, lq, lk))
         return "fa4"
 
+    real_guard = api._guarded_dense
+
+    def guard(*args, **kwargs):
+        handed.append(kwargs.get("histogram"))
+        return real_guard(*args, **kwargs)
+
     monkeypatch.setattr(cost, "faster_attend_backend", decide)
+    monkeypatch.setattr(api, "_guarded_dense", guard)
     q, k, v = qkv(L=80)
     o, plan = run_psa(q, k, v, PAPER, backend="auto")
-    assert len(auto_fa4.reads) == 1  # one host read, shared with the dense guard
-    assert seen == [(plan.level_map.histogram_tensor().tolist(), 1, 4, 16, 80, 80)]
+    assert len(auto_fa4.reads) == 1  # one host read ...
+    hist = plan.level_map.histogram_tensor().tolist()
+    assert handed == [hist]  # ... handed to the dense guard, which therefore does not read again
+    assert seen == [(hist, 1, 4, 16, 80, 80)]
     assert plan.attend_backend == "fa4" and len(auto_fa4.fa4) == 1
+    check_output(o, plan, q, k, v)
+
+
+def test_plan_only_and_a_callers_level_map_keep_the_length_rule(auto_fa4):
+    q, k, v = qkv()
+    _, plan = run_psa(q, k, v, PAPER, backend="auto", plan_only=True)  # no dense guard runs: no host read
+    assert len(auto_fa4.reads) == 0 and len(auto_fa4.decide) == 0 and plan.attend_backend == "triton"
+    o, plan2 = run_psa(q, k, v, QUOTA, backend="auto", level_map=plan.level_map)  # not the config's quotas
+    assert len(auto_fa4.decide) == 0 and plan2.attend_backend == "triton"
+    check_output(o, plan2, q, k, v)
+
+
+def test_calls_fa4_cannot_run_are_recorded_as_the_triton_kernel(auto_fa4, monkeypatch):
+    monkeypatch.setattr(api, "_fa4_attend_reason", lambda *a: "a key_padding_mask (test)")
+    monkeypatch.setattr(cost, "faster_attend_backend", lambda *a: "fa4")
+    q, k, v = qkv()
+    _, plan = run_psa(q, k, v, QUOTA, backend="auto")  # auto: straight to the Triton kernel, no decision
+    assert plan.attend_backend == "triton" and len(auto_fa4.fa4) == 0 and len(auto_fa4.triton) == 1
+    o, plan = run_psa(q, k, v, QUOTA, backend="fa4")  # explicit: fa4's launcher falls back (and logs it)
+    assert plan.attend_backend == "triton" and len(auto_fa4.fa4) == 1 and len(auto_fa4.triton) == 2
     check_output(o, plan, q, k, v)
 
 
@@ -111,7 +141,7 @@ def test_an_explicit_backend_is_never_overridden(auto_fa4, backend):
     check_output(o, plan, q, k, v)
 
 
-def test_plan_only_records_the_engine_without_attending(auto_fa4, monkeypatch):
+def test_plan_only_records_the_quota_engine_without_attending(auto_fa4, monkeypatch):
     monkeypatch.setattr(cost, "faster_attend_backend", lambda *a: "fa4")
     q, k, v = qkv()
     o, plan = run_psa(q, k, v, QUOTA, backend="auto", plan_only=True)

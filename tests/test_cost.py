@@ -131,3 +131,19 @@ def test_config_histogram_is_the_quota_mix():
         tuple(PSAConfig.preset("quota-0.2").quotas) + (1 - sum(PSAConfig.preset("quota-0.2").quotas),))
     assert config_histogram(PSAConfig.preset("paper")) is None  # threshold mode: known after planning only
     assert config_histogram(PSAConfig.preset("dense")) is None
+
+
+# what run_psa feeds the model for a quota config: its own quotas; the engines bench-attention recorded under
+# backend="auto" (H200, eval/results/attention.csv, commits ef89363 and dd76dc8)
+@pytest.mark.parametrize(
+    "preset,L,want",
+    [
+        ("quota-0.1", 16384, "triton"), ("quota-0.1", 49152, "triton"), ("quota-0.1", 65536, "triton"),
+        ("quota-0.1", 131072, "fa4"),
+        ("quota-0.2", 32768, "triton"), ("quota-0.2", 49152, "fa4"), ("quota-0.2", 65536, "fa4"),
+        ("quota-0.2", 131072, "fa4"),
+        ("quota-0.3", 65536, "fa4"), ("binary-0.2", 65536, "fa4"), ("binary-0.2", 131072, "fa4"),
+    ],
+)
+def test_quota_configs_take_the_recorded_engines(preset, L, want):
+    assert faster_attend_backend(config_histogram(PSAConfig.preset(preset)), 1, 28, 128, L, L) == want

@@ -293,10 +293,11 @@ def main(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CLIError(str(exc)) from None
             chk: Optional[Dict[str, float]] = None
-            # the attend stage's engine as the user's call picks it ("auto": by the plan's level mix)
-            _, plan0 = run_psa(q, k, v, cfg, backend=args.backend, plan_only=True)
+            # the attend stage's engine as the user's call picks it ("auto": by the plan's level mix, which a
+            # threshold-mode plan knows only in a whole call); None: dense ran before planning
+            o0, plan0 = run_psa(q, k, v, cfg, backend=args.backend)
             be_L = plan0.attend_backend or attend_backend(args.backend, backend, L)
-            del plan0
+            del o0, plan0
             if not args.no_check:
                 chk = check_stages(q, k, v, cfg, backend=be_L)
             row = bench_one(q, k, v, cfg, dense, args.rep, be_L, requested=args.backend)

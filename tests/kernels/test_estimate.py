@@ -166,6 +166,26 @@ def test_gemm_form_reads_transformers_layout_in_place(poisoned, overrides, B, Hq
     check(q, k, bq, bk, s)
 
 
+def test_gemm_form_in_place_edge_layouts(poisoned, overrides):
+    overrides(GEMM=True, ROWS=32, PROGRAMS=2)
+    k = rand((2, 1, 200, 16), torch.float16)
+    # one head, batch 2, a partial last row tile
+    q = rand((2, 160, 1, 16), torch.float16).transpose(1, 2)
+    assert est_kernel._gemm_query(q, 4, 32, True).view.data_ptr() == q.data_ptr()
+    check(q, k, 16, 16, 4)
+    # a slice along L of transformers' storage (a storage offset), batch 1: still in place
+    q = rand((1, 200, 2, 16), torch.float16).transpose(1, 2)[:, :, 40:]
+    k1 = rand((1, 1, 200, 16), torch.float16)
+    assert est_kernel._gemm_query(q, 4, 32, True).view.data_ptr() == q.data_ptr()
+    check(q, k1, 16, 16, 4)
+    # a pointer that is not 16-byte aligned: copied
+    flat = torch.empty(1 + 160 * 2 * 16, dtype=torch.float16, device=DEV)
+    q = flat[1:].view(1, 160, 2, 16).transpose(1, 2)
+    q.copy_(rand((1, 2, 160, 16), torch.float16))
+    assert q.data_ptr() % 16 and est_kernel._gemm_query(q, 4, 32, True).view.data_ptr() != q.data_ptr()
+    check(q, k1[:, :, :160], 16, 16, 4)
+
+
 def test_gemm_form_copies_what_it_cannot_read_in_place():
     q = rand((1, 72, 4, 24), torch.float16).transpose(1, 2)  # D 24: no chunk of 16 or more divides it
     qo = est_kernel._gemm_query(q, 4, 32, True)

@@ -169,6 +169,10 @@ def test_fa4_dense_preset_matches_sdpa_gpu():
     ref = causal_sdpa(q, k, v)
     err = float((got.double() - ref).norm() / ref.norm())
     assert err <= 1e-2, err
+    from psa_vlm.api import run_psa
+
+    _, plan = run_psa(q, k, v, PSAConfig.preset("dense"), backend="auto")
+    assert plan.attend_backend is None  # FlashAttention-4's dense forward ran, no attend stage
 
 
 @pytest.mark.gpu

@@ -13,8 +13,9 @@ capability 9.0+). The antidiagonal sum is one dot product of two ``s * D``-long 
 ``Qr[r] = q[r*s], ..., q[r*s+s-1]`` side by side and ``Kr[c] = k[c*s+s-1], ..., k[c*s]`` (the group reversed),
 so the logits are the plain product ``Qr @ Kr^T`` with a ``s * D``-deep reduction, read through TMA tensor
 descriptors. ``Qr`` is read in place (``_gemm_query``) from contiguous ``[B, Hq, Lq, D]`` and from transformers'
-``[B, L, H, D]`` storage when ``Lq % s == 0``; otherwise it is one zero-padded copy (0.5 ms at 64k tokens on an
-H200). ``Kr`` is always a copy (``Hkv / Hq`` of the query
+``[B, L, H, D]`` storage when ``Lq % s == 0`` (the latter also needs a descriptor chunk of at least 32 elements
+dividing ``D`` on a GPU: D 64 and 128 yes, D 80 no); otherwise it is one zero-padded copy (0.5-0.9 ms at 64k
+tokens on an H200). ``Kr`` is always a copy (``Hkv / Hq`` of the query
 bytes). A work item is ``BM`` = 128 consecutive reduced rows of one
 query head (``128 / (bq/s)`` whole query blocks), walking the key tiles up to its causal limit; the items of
 one row tile's ``Hq`` heads run side by side, so the ``Hkv`` key streams are shared through L2.
@@ -594,7 +595,7 @@ def _gemm_query(q: torch.Tensor, s: int, BKD: int, interpret: bool) -> _GemmQuer
       query row: ``BKD`` halved down to 32, 16 under the interpreter, if needed): ``view`` = ``[B*Rq, s*Hq*D]``,
       head ``h`` at column offset ``h*D``.
     - Anything else, a ragged last group included (its missing rows lie past the storage; the reference zero-pads
-      them): one zero-padded copy ``[B, Hq, Rq*s, D]`` in the first layout (0.5 ms at 64k tokens on an H200).
+      them): one zero-padded copy ``[B, Hq, Rq*s, D]`` in the first layout (0.5-0.9 ms at 64k tokens on an H200).
       Reading the ragged group from a zero-padded copy of the last row tile instead was measured and dropped:
       the kernel's two code paths cost more than the copy (v7, ``NOTES_stages.md``).
 
