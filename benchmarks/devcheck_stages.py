@@ -214,8 +214,10 @@ def time_length(dev: torch.device, L: int, variant: Optional[dict], results: Dic
     results["estimate"] = time_estimate(q, k, variant)
     q_blhd = q.transpose(1, 2).contiguous().transpose(1, 2)  # the storage transformers hands over
     results["estimate_blhd"] = time_estimate(q_blhd, k, variant)
-    # a ragged length (L - 3 queries over L keys): the zero-padded query copy
-    results["estimate_blhd_ragged"] = time_estimate(q_blhd[:, :, 3:], k, variant)  # copied (ragged)
+    # a ragged length (L - 3 queries over L keys): in place, the ragged last row added by _add_ragged_row
+    results["estimate_blhd_ragged"] = time_estimate(q_blhd[:, :, 3:], k, variant)
+    # the same ragged queries from [B, H, L, D] storage: the zero-padded copy (the path before in-place reads)
+    results["estimate_ragged_copy"] = time_estimate(q[:, :, 3:], k, variant)
     results["estimate_s16"] = time_estimate(q, k, variant, stride=16)
     results["estimate_s16_blhd"] = time_estimate(q_blhd, k, variant, stride=16)
     del q_blhd

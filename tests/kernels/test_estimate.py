@@ -140,7 +140,8 @@ def test_gemm_form_tile_and_schedule_paths(poisoned, overrides, spy, cfg):
 
 
 # transformers' layout: [B, Hq, L, D] views of [B, L, Hq, D] storage, read in place (no query copy) when
-# L % s == 0; a ragged last group (whose missing rows lie past the storage) goes through the padded copy
+# L % s == 0 or B == 1; a ragged last group (whose missing rows lie past the storage) is left out of the kernel and
+# added by _add_ragged_row
 LAYOUT_CASES = [
     # B, Hq, Hkv, Lq, Lk, D, bq, bk, s, ROWS (reduced rows per item), read in place
     (1, 4, 2, 320, 320, 16, 16, 16, 4, 32, True),  # 3 row tiles in place
@@ -148,8 +149,12 @@ LAYOUT_CASES = [
     (2, 4, 1, 256, 300, 16, 16, 32, 4, 32, True),  # batch 2
     (1, 4, 2, 704, 704, 16, 128, 128, 16, 32, True),  # s 16 on 128 x 128 blocks, 2 row tiles
     (1, 2, 1, 96, 120, 16, 32, 32, 8, 16, True),  # bf16 (upcast after the load)
-    (1, 4, 2, 301, 301, 16, 16, 16, 4, 32, False),  # ragged: copied
+    (1, 4, 2, 301, 301, 16, 16, 16, 4, 32, True),  # ragged, 3 row tiles: the last row added afterwards
+    (1, 6, 2, 253, 390, 32, 32, 16, 8, 16, True),  # ragged, Lq < Lk, GQA 3, D 32
+    (1, 4, 2, 701, 701, 16, 128, 128, 16, 32, True),  # ragged at s 16
+    (1, 2, 1, 129, 129, 16, 16, 16, 4, 32, True),  # ragged row alone in the last row tile (32 * 4 + 1 queries)
     (2, 4, 1, 70, 130, 16, 16, 16, 4, 32, False),  # ragged, batch 2: copied
+    (1, 2, 1, 3, 40, 16, 16, 16, 4, 32, False),  # Lq < s: copied
 ]
 
 
@@ -163,6 +168,7 @@ def test_gemm_form_reads_transformers_layout_in_place(poisoned, overrides, B, Hq
     cfg = est_kernel._gemm_tiles(bq // s, bk // s, s * D, True, est_kernel._OVERRIDES)
     qo = est_kernel._gemm_query(q, s, cfg["BKD"], True)
     assert (qo.view.data_ptr() == q.data_ptr()) == in_place and qo.col_hd == (D if in_place else 0)
+    assert qo.rows == (Lq // s if in_place else -(-Lq // s))
     check(q, k, bq, bk, s)
 
 
@@ -253,10 +259,10 @@ def test_gpu_bf16_qwen_shapes(overrides, Lq, Lk, layout, s, gemm):
     q = q[:, :, Lk - Lq :]
     if layout == "blhd":
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
-        if gemm:  # read in place unless the last group is ragged
+        if gemm:  # read in place; a ragged last group is added after the kernel
             cfg = est_kernel._gemm_tiles(128 // s, 128 // s, s * 128, False, est_kernel._OVERRIDES)
             qo = est_kernel._gemm_query(q, s, cfg["BKD"], False)
-            assert (qo.view.data_ptr() == q.data_ptr()) == (Lq % s == 0)
+            assert qo.view.data_ptr() == q.data_ptr() and qo.rows == Lq // s
     got = block_importance(q, k, block_q=128, block_k=128, stride=s)
     ref = block_importance_ref(q.float(), k.float(), block_q=128, block_k=128, stride=s)
     assert torch.isfinite(got).all()

@@ -369,6 +369,7 @@ def _gemm_item(
     nq,
     nk,
     Rq,
+    Rrows,  # reduced rows per head the descriptor holds (Rq, or Rq - 1 when a ragged last group is added later)
     Rk,
     n_rt,
     row_b,  # q_desc rows per batch
@@ -403,7 +404,7 @@ def _gemm_item(
 
     offs_m = tl.arange(0, BM)
     r = rt * BM + offs_m  # [BM] reduced row
-    row_ok = r < Rq
+    row_ok = r < Rrows
     last_m = Lk - Lq + tl.minimum(r * S + S - 1, Lq - 1)  # [BM] last visible key position
     min_last = tl.min(tl.where(row_ok, last_m, Lk), axis=0)
     last_max = tl.max(tl.where(row_ok, last_m, 0), axis=0)
@@ -453,8 +454,8 @@ def _gemm_item(
 
 
 #: Length-derived integer arguments of the GEMM form (see ``_LENGTH_ARGS``).
-_GEMM_LENGTH_ARGS = ("stride_ob", "stride_oh", "stride_oq", "Lq", "Lk", "nq", "nk", "Rq", "Rk", "n_rt", "n_items",
-                     "row_b", "row_h")
+_GEMM_LENGTH_ARGS = ("stride_ob", "stride_oh", "stride_oq", "Lq", "Lk", "nq", "nk", "Rq", "Rrows", "Rk", "n_rt",
+                     "n_items", "row_b", "row_h")
 
 
 @triton.jit(do_not_specialize=_GEMM_LENGTH_ARGS)
@@ -471,6 +472,7 @@ def _estimate_gemm_kernel(
     nq,
     nk,
     Rq,
+    Rrows,
     Rk,
     n_rt,  # row tiles of BM reduced rows per head
     n_items,  # n_rt * B * Hq
@@ -504,8 +506,8 @@ def _estimate_gemm_kernel(
         item = rnd * nprog + tl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
         if item < n_items:
             _gemm_item(q_desc, k_desc, out_ptr, scr_rows, item, stride_ob, stride_oh, stride_oq, Lq, Lk, nq, nk, Rq,
-                       Rk, n_rt, row_b, row_h, col_t, col_hd, Hq, G, BH, qk_scale, S, SD, DH, RB, PP, BM, BN, KPB, BKD,
-                       NJ, UPCAST, DOT_PREC, FLAT)
+                       Rrows, Rk, n_rt, row_b, row_h, col_t, col_hd, Hq, G, BH, qk_scale, S, SD, DH, RB, PP, BM, BN, KPB,
+                       BKD, NJ, UPCAST, DOT_PREC, FLAT)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -584,6 +586,7 @@ class _GemmQuery(NamedTuple):
     col_t: int
     col_hd: int
     bkd: int  # the descriptor chunk (``BKD``) this layout is read with
+    rows: int  # reduced rows per head in ``view``: ``Rq``, or ``Rq - 1`` when the ragged last group is left out
 
 
 def _gemm_query(q: torch.Tensor, s: int, BKD: int, interpret: bool) -> _GemmQuery:
@@ -591,32 +594,59 @@ def _gemm_query(q: torch.Tensor, s: int, BKD: int, interpret: bool) -> _GemmQuer
 
     - ``q`` contiguous ``[B, Hq, Lq, D]`` with ``Lq % s == 0``: ``view`` = ``[B*Hq*Rq, s*D]``.
     - ``q`` a ``[B, Hq, Lq, D]`` view of ``[B, Lq, Hq, D]`` storage (transformers' layout after its
-      ``transpose(1, 2)``) with ``Lq % s == 0`` and a descriptor chunk that divides ``D`` (so it stays in one
-      query row: ``BKD`` halved down to 32, 16 under the interpreter, if needed): ``view`` = ``[B*Rq, s*Hq*D]``,
-      head ``h`` at column offset ``h*D``.
-    - Anything else, a ragged last group included (its missing rows lie past the storage; the reference zero-pads
-      them): one zero-padded copy ``[B, Hq, Rq*s, D]`` in the first layout (0.5-0.9 ms at 64k tokens on an H200).
-      Reading the ragged group from a zero-padded copy of the last row tile instead was measured and dropped:
-      the kernel's two code paths cost more than the copy (v7, ``NOTES_stages.md``).
+      ``transpose(1, 2)``) with ``Lq % s == 0`` or batch 1 (and ``Lq >= s``), and a descriptor chunk that divides
+      ``D`` (so it stays in one query row: ``BKD`` halved down to 32, 16 under the interpreter, if needed):
+      ``view`` = ``[B*(Lq//s), s*Hq*D]``, head ``h`` at column offset ``h*D``. A ragged last group (batch 1) is not
+      in the view (its missing rows lie past the storage): ``rows = Rq - 1``, the kernel leaves that row out and
+      ``_add_ragged_row`` adds it. (Reading it from a zero-padded copy of the last row tile inside the kernel was
+      measured and dropped: its second code path cost more than the copy, ``NOTES_stages.md`` v7.)
+    - Anything else: one zero-padded copy ``[B, Hq, Rq*s, D]`` in the first layout (0.5-0.9 ms at 64k tokens on
+      an H200).
 
     All views need 16-byte alignment (TMA).
     """
     B, Hq, Lq, D = q.shape
     Rq = cdiv(Lq, s)
     SD = s * D
-    even = Lq == Rq * s and q.data_ptr() % 16 == 0
-    if even and q.is_contiguous():
-        return _GemmQuery(q.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, BKD)
+    aligned = q.data_ptr() % 16 == 0
+    if aligned and q.is_contiguous() and Lq == Rq * s:
+        return _GemmQuery(q.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, BKD, Rq)
     sb, sh, sl, sd = q.stride()
     blhd = sd == 1 and sh == D and sl == Hq * D and (B == 1 or sb == Lq * Hq * D)
     bkd = _gemm_bkd(BKD, D, interpret)
-    if even and blhd and D % bkd == 0:
-        view = q.as_strided((B * Rq, s * Hq * D), (s * Hq * D, 1))
-        return _GemmQuery(view, Rq, 0, Hq * D, D, bkd)
+    full = Lq // s  # complete groups per head
+    if aligned and blhd and D % bkd == 0 and full > 0 and (Lq == Rq * s or B == 1):
+        view = q.as_strided((B * full, s * Hq * D), (s * Hq * D, 1))
+        return _GemmQuery(view, full, 0, Hq * D, D, bkd, full)
     buf = torch.empty((B, Hq, Rq * s, D), dtype=q.dtype, device=q.device)
     buf[:, :, :Lq].copy_(q)
     buf[:, :, Lq:].zero_()
-    return _GemmQuery(buf.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, BKD)
+    return _GemmQuery(buf.view(B * Hq * Rq, SD), Hq * Rq, Rq, D, 0, BKD, Rq)
+
+
+def _add_ragged_row(q: torch.Tensor, kr: torch.Tensor, Hkv: int, out: torch.Tensor, s: int, block_k: int,
+                    scale: float, full: int) -> None:
+    """Add the ragged last reduced row's block sums (left out of the kernel's in-place read) to ``out``.
+
+    Row ``full`` holds queries ``full*s .. Lq-1`` (``T < s`` of them, the rest zero as in the reference); it sees
+    every reduced key (its last query is the last one). Its logit against reduced key ``c`` is the dot product of
+    its first ``T*D`` elements with those of ``Kr[c]`` (``_gemm_keys``: offset ``u`` of ``Kr[c]`` is key
+    ``c*s+s-1-u``), computed in float32 from the 16-bit inputs (products exact), soft-maxed over all reduced keys
+    and summed per KV block into the last query block (which the kernel wrote without this row). A few small
+    PyTorch launches instead of copying the whole query.
+    """
+    B, Hq, Lq, D = q.shape
+    nk = out.shape[3]
+    T = Lq - full * s
+    G = Hq // Hkv
+    Rk = kr.shape[0] // (B * Hkv)
+    qt = q[:, :, full * s:, :].reshape(B, Hkv, G, T * D).float()  # [B, Hkv, G, T*D]
+    kt = kr.view(B, Hkv, Rk, s * D)[..., : T * D].float()  # [B, Hkv, Rk, T*D]
+    logits = torch.matmul(qt, kt.transpose(-1, -2)).reshape(B, Hq, Rk) * (scale / s)
+    pr = torch.softmax(logits, dim=-1)
+    kpb = block_k // s
+    pr = torch.nn.functional.pad(pr, (0, nk * kpb - Rk))
+    out[:, :, -1, :] += pr.view(B, Hq, nk, kpb).sum(-1)
 
 
 def _gemm_keys(k: torch.Tensor, s: int) -> torch.Tensor:
@@ -671,6 +701,7 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         nq,
         nk,
         Rq,
+        qo.rows,
         Rk,
         n_rt,
         n_items,
@@ -699,6 +730,8 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+    if qo.rows < Rq:
+        _add_ragged_row(q, kr, Hkv, out, s, KPB * s, scale, qo.rows)
 
 
 def _persistent_grid(device: torch.device, requested: int, BM: int, nk: int,
