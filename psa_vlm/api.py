@@ -729,8 +729,8 @@ def _auto_attend_backend(backend: str, be: str, attend_be: str, plan: PSAPlan, c
     Under ``backend="auto"`` with FlashAttention-4 available and able to run the call, the engine whose predicted
     attend time is lower for the plan's level mix (``cost.faster_attend_backend``): a quota config's own mix (no
     host read), or the plan's histogram where ``may_read`` (the dense guard will run and read it: returned so it
-    is read once). A caller's level map, threshold mode without the guard, and ``plan_only`` keep the length rule
-    of ``attend_backend``.
+    is read once). A caller's level map, and threshold mode without the guard or under ``plan_only``, keep the
+    length rule of ``attend_backend``.
     """
     from .cost import config_histogram, faster_attend_backend
 

@@ -35,7 +35,8 @@ __all__ = [
 #: 19.36 / 20.43, paper 10.56 / 8.93 (docs/PERFORMANCE.md). A length-only compromise: Triton wins clearly at 16k
 #: and for low-density plans at every measured length, fa4 by 4-5% for quota-0.2 from 32k; nothing was measured
 #: between 32k and 64k. Used only where the plan's level mix is not known on the host (a threshold-mode call
-#: without the dense guard, a caller's level map); otherwise ``faster_attend_backend`` decides by the mix.
+#: without the dense guard or under ``plan_only``, a caller's level map); otherwise ``faster_attend_backend``
+#: decides by the mix.
 AUTO_FA4_MIN_TOKENS = 49152
 
 #: With FlashAttention-4's dense forward available (the fastest dense attention on Hopper), threshold-mode

@@ -892,7 +892,8 @@ def psa_stats(model: Any) -> Dict[str, Any]:
         fractions over all listed layers or None, "dense_guard_layers": how many layers the dense guard ran dense,
         "attend_backends": {engine: number of layers}}``; ``attend_backend`` is the engine of the layer's attend
         stage (``PSAPlan.attend_backend``: ``"fa4"``, ``"triton"`` or ``"reference"``; under ``backend="auto"``
-        chosen per layer from its level mix), ``None`` where dense attention ran before planning; histograms are
+        chosen per layer from its level mix), ``None`` where dense attention ran instead of an attend stage (the
+        dense guard's shortcut before planning, the dense preset on FlashAttention-4's dense forward); histograms are
         fractions of the causally valid (head, query block, KV block) pairs at
         ``full``/``pool2``/``pool4``/``pool8``/``skip`` of the level map. Where the dense guard
         (``PSAConfig.dense_guard``) ran dense attention, ``dense_guard`` holds its reason and ``density`` is 1.0
