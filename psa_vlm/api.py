@@ -688,7 +688,7 @@ def run_psa(
             plan.attend_backend = None  # dense attention, no attend stage
             return dense_attention(q, k, v, scale=scale, out=out), plan
     if guarded:
-        dense = _guarded_dense(attend_be, plan.level_map, q, k, v, scale, config, fa4_dense=be == "fa4",
+        dense = _guarded_dense(plan.attend_backend, plan.level_map, q, k, v, scale, config, fa4_dense=be == "fa4",
                                histogram=hist)
         if dense is not None:
             plan.dense_reason, o = dense
@@ -750,8 +750,9 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
                    fa4_dense: bool = False, histogram: Optional[list] = None):
     """``(reason, dense output)`` when the cost model says dense attention is faster than the plan, else ``None``.
 
-    ``backend`` is the attend stage's (``attend_backend``); ``fa4_dense`` says FlashAttention-4 is installed and
-    usable on this device. Reads the level histogram on the host (one synchronisation) unless ``histogram``
+    ``backend`` is the engine that runs the attend stage (``PSAPlan.attend_backend``: already ``"triton"`` where
+    the fa4 backend falls back to the Triton kernel); ``fa4_dense`` says FlashAttention-4 is installed and usable
+    on this device. Reads the level histogram on the host (one synchronisation) unless ``histogram``
     (already read) is given. Dense attention is the
     fastest available: FlashAttention-4's where ``fa4_dense`` and it supports the call, else SDPA (cuDNN/flash)
     when ``Lq == Lk``; without FlashAttention-4 the Triton backend keeps the sparse stage for ``Lq < Lk`` (SDPA's
@@ -762,12 +763,9 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
 
     if backend not in ("fa4", "triton") or q.device.type != "cuda" or q.dtype == torch.float32:
         return None
-    if fa4_dense or backend == "fa4":
+    if fa4_dense:
         from .kernels.attention.fa4 import fa4_unsupported
 
-        if backend == "fa4" and fa4_unsupported(q, block_q=config.block_q, block_k=config.block_k,
-                                                factors=config.pool_factors) is not None:
-            backend = "triton"  # the attend stage falls back to the Triton kernel: compare with SDPA
         fa4_dense = fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None
     if not fa4_dense and q.shape[2] != k.shape[2]:
         return None

@@ -76,6 +76,14 @@ ATTEND_COSTS: Dict[str, AttendCost] = {
 }
 
 
+def _counts(histogram: Sequence[float]) -> list:
+    """``histogram`` as 5 floats (factors 1, 2, 4, 8, skip); ``ValueError`` naming it when malformed."""
+    h = [float(x) for x in histogram]
+    if len(h) != 5 or any(x < 0 for x in h):
+        raise ValueError(f"histogram must hold 5 non-negative counts (factors 1, 2, 4, 8, skip), got {histogram!r}")
+    return h
+
+
 def attend_cost_ratio(backend: str, histogram: Sequence[float]) -> Optional[float]:
     """Predicted ``sparse attention time / fastest dense time``, or ``None`` without a model for ``backend``.
 
@@ -90,9 +98,7 @@ def attend_cost_ratio(backend: str, histogram: Sequence[float]) -> Optional[floa
     model = ATTEND_COSTS.get(backend)
     if model is None:
         return None
-    h = [float(x) for x in histogram]
-    if len(h) != 5 or any(x < 0 for x in h):
-        raise ValueError(f"histogram must hold 5 non-negative counts (factors 1, 2, 4, 8, skip), got {histogram!r}")
+    h = _counts(histogram)
     total = sum(h)
     if total <= 0:
         return 0.0
@@ -112,7 +118,7 @@ def dense_guard_reason(backend: str, histogram: Sequence[float], against: Option
     ratio = attend_cost_ratio(backend, histogram)
     if ratio is None or ratio < 1.0:
         return None
-    h = [float(x) for x in histogram]
+    h = _counts(histogram)
     density = sum(x / p for x, p in zip(h[:4], (1, 2, 4, 8))) / max(sum(h), 1.0)
     return (
         f"density {density:.3f}: the {backend} sparse stage is predicted at {ratio:.2f}x the time of "
@@ -127,10 +133,8 @@ def quota_cost_ratio(backend: str, config) -> float:
     (sink, diagonal, text) only move a quota mix towards full resolution, by a few percent of the visible blocks
     at long lengths; callers compare against a margin below 1.
     """
-    if getattr(config, "mode", None) != "quota" or config.quotas is None or config.dense:
-        return float("inf")
-    q = [float(x) for x in config.quotas]
-    ratio = attend_cost_ratio(backend, q + [max(0.0, 1.0 - sum(q))])
+    mix = config_histogram(config)
+    ratio = None if mix is None else attend_cost_ratio(backend, mix)
     return float("inf") if ratio is None else ratio
 
 
@@ -205,9 +209,7 @@ def predict_attend_ms(engine: str, histogram: Sequence[float], batch: int, heads
         KeyError: ``engine`` without a model. ValueError: a malformed histogram.
     """
     model = ENGINE_TIMES[engine]
-    h = [float(x) for x in histogram]
-    if len(h) != 5 or any(x < 0 for x in h):
-        raise ValueError(f"histogram must hold 5 non-negative counts (factors 1, 2, 4, 8, skip), got {histogram!r}")
+    h = _counts(histogram)
     total = sum(h)
     pairs = max(0, lq * (2 * lk - lq)) / 2  # visible (query, key) pairs of one head
     dense_ms = 4.0 * batch * heads * head_dim * pairs / (DENSE_TFLOPS * 1e9)

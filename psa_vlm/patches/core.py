@@ -40,6 +40,7 @@ import importlib
 import logging
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -928,10 +929,7 @@ def psa_stats(model: Any) -> Dict[str, Any]:
     if not layers:
         return {"layers": {}, "density": None, "histogram": None, "dense_guard_layers": 0, "attend_backends": {}}
     n = max(sum(total), 1)
-    engines: Dict[str, int] = {}
-    for v in layers.values():
-        if v["attend_backend"] is not None:
-            engines[v["attend_backend"]] = engines.get(v["attend_backend"], 0) + 1
+    engines = dict(Counter(v["attend_backend"] for v in layers.values() if v["attend_backend"] is not None))
     return {
         "layers": layers,
         "density": sum(v["density"] for v in layers.values()) / len(layers),
