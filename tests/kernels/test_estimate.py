@@ -243,17 +243,31 @@ def test_errors():
 
 
 # ---------------------------------------------------------------------------------------------- GPU tier
+def test_gluon_engine_not_on_cpu(overrides):
+    """The Gluon kernel (wgmma) never runs under the interpreter; asking for it there is an error, not a fallback."""
+    q = torch.zeros(1, 2, 16, 16, dtype=torch.float16)
+    assert not est_kernel._gluon_engine(q, True, {})
+    assert not est_kernel._gluon_engine(q, True, {"GLUON": False})
+    with pytest.raises(ValueError, match="Gluon"):
+        est_kernel._gluon_engine(q, True, {"GLUON": True})
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", [True, False])  # the GEMM form (Hopper+) and the general form (older GPUs)
+# the GEMM form as the Gluon kernel (Hopper) and as the Triton kernel (TMA: 9.0+), the general form (older GPUs)
+@pytest.mark.parametrize("engine", ["gluon", "triton", "general"])
 @pytest.mark.parametrize("s", [8, 16])
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])  # blhd: transformers' storage, read in place by the GEMM form
 @pytest.mark.parametrize("Lq,Lk", [(8192, 8192), (8192 - 1000 - 3, 8192), (12288 + 77, 12288 + 77)])
-def test_gpu_bf16_qwen_shapes(overrides, Lq, Lk, layout, s, gemm):
+def test_gpu_bf16_qwen_shapes(overrides, poisoned, Lq, Lk, layout, s, engine):
     from psa_vlm.bench.synthetic import video_like_qkv
 
-    if gemm and torch.cuda.get_device_capability()[0] < 9:
+    major = torch.cuda.get_device_capability()[0]
+    if engine != "general" and major < 9:
         pytest.skip("the GEMM form needs TMA (compute capability 9.0+)")
-    overrides(GEMM=gemm)
+    if engine == "gluon" and major != 9:
+        pytest.skip("the Gluon kernel needs wgmma (compute capability 9.x)")
+    gemm = engine != "general"
+    overrides(GEMM=gemm, GLUON=engine == "gluon")
 
     q, k, _ = video_like_qkv(1, 28, 4, Lk, 128, dtype=torch.bfloat16, device="cuda", seed=None)
     q = q[:, :, Lk - Lq :]
@@ -269,3 +283,19 @@ def test_gpu_bf16_qwen_shapes(overrides, Lq, Lk, layout, s, gemm):
     # bf16 products are exact in float32: only the summation order differs from the float32 reference
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk,s,dtype", [
+    (2, 8, 2, 3000 - 5, 3000, 64, 64, 128, 4, torch.float16),  # batch 2 ragged: one padded copy
+    (1, 4, 4, 4096, 4096, 80, 128, 128, 8, torch.bfloat16),  # D 80: a partial last chunk per reduced row
+    (1, 6, 2, 777, 5000, 128, 128, 64, 16, torch.float16),  # Lq << Lk
+])
+def test_gpu_gluon_shapes(overrides, poisoned, B, Hq, Hkv, Lq, Lk, D, bq, bk, s, dtype):
+    """The Gluon kernel beyond the model shapes: fp16, batch 2, head_dim 64 / 80, Lq < Lk, 64-wide blocks."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel needs wgmma (compute capability 9.x)")
+    overrides(GEMM=True, GLUON=True)
+    q = rand((B, Hq, Lq, D), dtype)
+    k = rand((B, Hkv, Lk, D), dtype)
+    check(q, k, bq, bk, s, atol=1e-4, rtol=1e-3)

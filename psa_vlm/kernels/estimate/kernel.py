@@ -672,66 +672,107 @@ def _gemm_bkd(cfg_bkd: int, D: int, interpret: bool) -> int:
     return bkd if D % bkd == 0 else cfg_bkd
 
 
+def _gluon_engine(q: torch.Tensor, interpret: bool, overrides: dict) -> bool:
+    """Whether the GEMM form runs as the Gluon kernel (``hopper.py``) rather than the Triton kernel.
+
+    Yes on CUDA devices of compute capability 9.x (wgmma is Hopper's instruction) when Gluon's Hopper module
+    imports, unless ``_OVERRIDES["GLUON"]`` is false; never under the interpreter (Gluon has none).
+    ``_OVERRIDES["GLUON"] = True`` where it cannot run raises instead of falling back.
+    """
+    want = overrides.get("GLUON", True)
+    able = not interpret and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and _gluon_imports()
+    if want and not able and overrides.get("GLUON") is True:
+        raise ValueError("the estimator's Gluon kernel needs a compute capability 9.x GPU and triton.experimental."
+                         f"gluon (import error: {_gluon_import_error()})")
+    return bool(want) and able
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_import_error() -> Optional[str]:
+    try:
+        from . import hopper  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the Triton GEMM form
+        logger.info("estimator: Gluon kernel unavailable (%s: %s); the Triton GEMM form runs", type(exc).__name__,
+                    exc)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _gluon_imports() -> bool:
+    return _gluon_import_error() is None
+
+
 def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB: int, KPB: int, scale: float,
                  interpret: bool) -> None:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     nq, nk = out.shape[2], out.shape[3]
     SD = s * D
-    cfg = _gemm_tiles(RB, KPB, SD, interpret, _OVERRIDES)
-    BM, BN = cfg["BM"], cfg["BN"]
-    qo = _gemm_query(q, s, cfg["BKD"], interpret)
-    BKD = qo.bkd
-    kr = _gemm_keys(k, s)
     Rq, Rk = cdiv(Lq, s), cdiv(Lk, s)
-    q_desc = TensorDescriptor(qo.view, list(qo.view.shape), list(qo.view.stride()), [BM, BKD])
-    k_desc = TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [BN, BKD])
-    n_rt = cdiv(Rq, BM)
-    n_items = n_rt * B * Hq
-    programs, pitch, scratch = _persistent_grid(q.device, cfg["PROGRAMS"], BM, nk, n_items)
-    upcast = interpret and q.dtype == torch.bfloat16
-    _estimate_gemm_kernel[(programs,)](
-        q_desc,
-        k_desc,
-        out,
-        scratch,
-        *out.stride()[:3],
-        Lq,
-        Lk,
-        nq,
-        nk,
-        Rq,
-        qo.rows,
-        Rk,
-        n_rt,
-        n_items,
-        qo.row_b,
-        qo.row_h,
-        qo.col_t,
-        qo.col_hd,
-        Hq,
-        Hq // Hkv,
-        B * Hq,
-        scale / s * _LOG2E,
-        pitch,
-        S=s,
-        SD=SD,
-        DH=D,
-        RB=RB,
-        PP=cfg["PP"],
-        BM=BM,
-        BN=BN,
-        KPB=KPB,
-        BKD=BKD,
-        NJ=cfg["NJ"],
-        UPCAST=upcast,
-        DOT_PREC="ieee" if upcast else "tf32",
-        FLAT=cfg["FLAT"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    kr = _gemm_keys(k, s)
+    if _gluon_engine(q, interpret, _OVERRIDES):
+        from . import hopper
+
+        tiles = dict(hopper.TILES, **_OVERRIDES.get("GLUON_TILES", {}))
+        tiles["BKD"] = min(tiles["BKD"], max(16, triton.next_power_of_2(SD)))
+        qo = _gemm_query(q, s, tiles["BKD"], interpret)
+        programs, pitch, scratch = _persistent_grid(q.device, -1, tiles["BM"], nk, cdiv(Rq, tiles["BM"]) * B * Hq)
+        hopper.launch(qo, kr, out, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv, D=D, s=s, RB=RB, KPB=KPB,
+                      qk_scale=scale / s * _LOG2E, programs=programs, pitch=pitch, scratch=scratch,
+                      fp16=q.dtype == torch.float16, tiles=tiles)
+    else:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        cfg = _gemm_tiles(RB, KPB, SD, interpret, _OVERRIDES)
+        BM, BN = cfg["BM"], cfg["BN"]
+        qo = _gemm_query(q, s, cfg["BKD"], interpret)
+        BKD = qo.bkd
+        q_desc = TensorDescriptor(qo.view, list(qo.view.shape), list(qo.view.stride()), [BM, BKD])
+        k_desc = TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [BN, BKD])
+        n_rt = cdiv(Rq, BM)
+        n_items = n_rt * B * Hq
+        programs, pitch, scratch = _persistent_grid(q.device, cfg["PROGRAMS"], BM, nk, n_items)
+        upcast = interpret and q.dtype == torch.bfloat16
+        _estimate_gemm_kernel[(programs,)](
+            q_desc,
+            k_desc,
+            out,
+            scratch,
+            *out.stride()[:3],
+            Lq,
+            Lk,
+            nq,
+            nk,
+            Rq,
+            qo.rows,
+            Rk,
+            n_rt,
+            n_items,
+            qo.row_b,
+            qo.row_h,
+            qo.col_t,
+            qo.col_hd,
+            Hq,
+            Hq // Hkv,
+            B * Hq,
+            scale / s * _LOG2E,
+            pitch,
+            S=s,
+            SD=SD,
+            DH=D,
+            RB=RB,
+            PP=cfg["PP"],
+            BM=BM,
+            BN=BN,
+            KPB=KPB,
+            BKD=BKD,
+            NJ=cfg["NJ"],
+            UPCAST=upcast,
+            DOT_PREC="ieee" if upcast else "tf32",
+            FLAT=cfg["FLAT"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
     if qo.rows < Rq:
         _add_ragged_row(q, kr, Hkv, out, s, KPB * s, scale, qo.rows)
 
