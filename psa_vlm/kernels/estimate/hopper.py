@@ -135,7 +135,9 @@ def _estimate_gluon_kernel(
                 lse = gl.where(pos, gl.expand_dims(m_b, 1) + gl.log2(gl.where(pos, bs, 1.0)), -float("inf"))
                 jj = jt * NBT + gl.arange(0, NBT, layout=gl.SliceLayout(0, st_l))
                 ptrs = scr_base + gl.expand_dims(rr_s.to(gl.int64) * pitch, 1) + gl.expand_dims(jj, 0)
-                gl.store(ptrs, lse, mask=gl.expand_dims(rok_s, 1) & gl.expand_dims(jj < nk, 0))
+                # no column mask: the launcher pads scratch rows to whole tiles, so a row's NBT values are stored
+                # as vectors (columns >= nvis are never read back)
+                gl.store(ptrs, lse, mask=gl.expand_dims(rok_s, 1) & gl.expand_dims(jj >= 0, 0))
                 m_i = m_new
 
             # second pass: S[i, j] = sum over the query block's reduced rows of 2^(lse_rj - LSE_r)

@@ -716,7 +716,9 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         tiles = dict(hopper.TILES, **_OVERRIDES.get("GLUON_TILES", {}))
         tiles["BKD"] = min(tiles["BKD"], max(16, triton.next_power_of_2(SD)))
         qo = _gemm_query(q, s, tiles["BKD"], interpret)
-        programs, pitch, scratch = _persistent_grid(q.device, -1, tiles["BM"], nk, cdiv(Rq, tiles["BM"]) * B * Hq)
+        # scratch rows padded to whole key tiles: the kernel stores a tile's block values without a column mask
+        programs, pitch, scratch = _persistent_grid(q.device, -1, tiles["BM"], nk, cdiv(Rq, tiles["BM"]) * B * Hq,
+                                                    multiple=max(16, tiles["BN"] // KPB))
         hopper.launch(qo, kr, out, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv, D=D, s=s, RB=RB, KPB=KPB,
                       qk_scale=scale / s * _LOG2E, programs=programs, pitch=pitch, scratch=scratch,
                       fp16=q.dtype == torch.float16, tiles=tiles)
@@ -777,16 +779,16 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         _add_ragged_row(q, kr, Hkv, out, s, KPB * s, scale, qo.rows)
 
 
-def _persistent_grid(device: torch.device, requested: int, BM: int, nk: int,
-                     n_items: int) -> Tuple[int, int, torch.Tensor]:
+def _persistent_grid(device: torch.device, requested: int, BM: int, nk: int, n_items: int,
+                     multiple: int = 16) -> Tuple[int, int, torch.Tensor]:
     """``(programs, pitch, scratch)`` of a persistent launch of either form.
 
     ``requested`` (the ``PROGRAMS`` tile option): ``> 0`` that many programs; ``-1`` one per SM; ``0`` up to two
     per SM, as many as ``_SCRATCH_BYTES`` of scratch allow but at least one per SM. Never more programs than
-    work items. Each program owns ``BM`` float32 scratch rows of ``pitch`` = ``nk`` rounded up to 16 elements (so
-    the rows' alignment does not depend on the length).
+    work items. Each program owns ``BM`` float32 scratch rows of ``pitch`` = ``nk`` rounded up to ``multiple`` (16 or
+    more, a power of two) elements, so the rows' alignment does not depend on the length.
     """
-    pitch = cdiv(nk, 16) * 16
+    pitch = cdiv(nk, multiple) * multiple
     if requested > 0:
         programs = requested
     else:
