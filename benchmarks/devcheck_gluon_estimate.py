@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -30,6 +31,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
+    ap.add_argument("--variants", action="store_true",
+                    help="also time Gluon tile variants (GLUON_TILES overrides), each checked first")
     args = ap.parse_args()
     import triton
 
@@ -41,8 +44,8 @@ def main() -> None:
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                commit=os.environ.get("PSA_VLM_COMMIT", "?"), checks=[], times={})
 
-    def run(engine: str, q, k, s: int, poison: bool = False) -> torch.Tensor:
-        est._OVERRIDES = {"GEMM": True, "GLUON": engine == "gluon"}
+    def run(engine: str, q, k, s: int, poison: bool = False, tiles: Optional[dict] = None) -> torch.Tensor:
+        est._OVERRIDES = {"GEMM": True, "GLUON": engine == "gluon", "GLUON_TILES": tiles or {}}
         if poison:
             est._alloc = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
         try:
@@ -83,6 +86,33 @@ def main() -> None:
         res["times"][L] = t
         del q, k, v
     res["ok"] = good
+    if args.variants and good["gluon"]:
+        res["variants"] = []
+        small = []
+        for L, lq, s in ((8192, 8192 - 3, 8), (8192, 8192 - 5, 16)):
+            q, k, _ = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device=dev, seed=7)
+            q = q[:, :, L - lq:].transpose(1, 2).contiguous().transpose(1, 2)
+            small.append((q, k, s, ref(q.float(), k.float(), block_q=128, block_k=128, stride=s)))
+        big = {}
+        for L in args.lengths:
+            q, k, _ = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device=dev, seed=1)
+            big[L] = (q.transpose(1, 2).contiguous().transpose(1, 2), k)
+        for tiles in ({}, {"UNROLL": 8}, {"NS": 4}, {"NS": 4, "UNROLL": 8}, {"BKD": 128, "NS": 2},
+                      {"NJ": 32}, {"UNROLL": 32}):
+            row = dict(tiles=tiles)
+            try:
+                errs = [(run("gluon", q, k, s, poison=True, tiles=tiles) - rf).abs().max().item()
+                        for q, k, s, rf in small]
+                row["ok"] = all(e <= 1e-4 * 16 for e in errs)
+                if row["ok"]:
+                    for L, (q, k) in big.items():
+                        for s in (8, 16):
+                            row[f"L{L}_s{s}"] = triton.testing.do_bench(
+                                lambda: run("gluon", q, k, s, tiles=tiles), warmup=10, rep=200, return_mode="median")
+            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result too
+                row["error"] = f"{type(exc).__name__}: {str(exc)[-300:]}"
+            res["variants"].append(row)
+            _log(f"variant {row}")
     with open(os.path.join(args.out, f"devcheck_gluon_estimate_{res['commit']}.json"), "w") as f:
         json.dump(res, f, indent=1)
 

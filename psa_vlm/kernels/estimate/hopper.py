@@ -44,6 +44,21 @@ def _issue(q_desc, k_desc, q_smem, k_smem, bars, g, c, total, q_row, col_h, k_ro
     tma.async_copy_global_to_shared(k_desc, [k_row + jt * BN, e], bar, k_smem.index(slot), pred=ok)
 
 
+@gluon.jit
+def _chunk(acc, kk, jt, g, q_desc, k_desc, q_smem, k_smem, bars, total, q_row, col_h, k_row, col_t,
+           DH: gl.constexpr, BN: gl.constexpr, BKD: gl.constexpr, NKD: gl.constexpr, NS: gl.constexpr):
+    """Chunk ``kk`` of key tile ``jt`` (the program's ``g``-th): wait for its loads, issue its MMA, and refill the
+    slot of the chunk before it (complete once at most one MMA is in flight) with the chunk ``NS - 1`` ahead."""
+    c = jt * NKD + kk
+    slot = g % NS
+    mbarrier.wait(bars.index(slot), (g // NS) & 1)
+    acc = warpgroup_mma(q_smem.index(slot), k_smem.index(slot).permute((1, 0)), acc, use_acc=kk != 0, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    _issue(q_desc, k_desc, q_smem, k_smem, bars, g + NS - 1, c + NS - 1, total, q_row, col_h, k_row, col_t, DH, BN,
+           BKD, NKD, NS)
+    return acc
+
+
 #: Length-derived integer arguments: not specialised, so a new prompt length does not compile again (as the Triton
 #: forms' ``_GEMM_LENGTH_ARGS``).
 _LENGTH_ARGS = ("stride_ob", "stride_oh", "stride_oq", "Lq", "Lk", "nq", "nk", "Rrows", "Rk", "n_rt", "n_items",
@@ -57,7 +72,7 @@ def _estimate_gluon_kernel(
     Hq, G, BH, qk_scale, pitch,
     S: gl.constexpr, SD: gl.constexpr, DH: gl.constexpr, RB: gl.constexpr, PP: gl.constexpr, BM: gl.constexpr,
     BN: gl.constexpr, KPB: gl.constexpr, BKD: gl.constexpr, NJ: gl.constexpr, NS: gl.constexpr,
-    num_warps: gl.constexpr,
+    UNROLL: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Persistent program: items in the snake order of ``kernel._estimate_gemm_kernel``, the same two passes
     (online per-(row, KV block) log-sum-exps into the program's scratch, then the block sums)."""
@@ -107,17 +122,16 @@ def _estimate_gluon_kernel(
             l_i = gl.zeros([BM], gl.float32, rows_l)
             for jt in range(0, n_tiles):
                 acc = gl.zeros([BM, BN], gl.float32, mma)
-                for kk in gl.static_range(NKD):
-                    c = jt * NKD + kk
-                    slot = g % NS
-                    mbarrier.wait(bars.index(slot), (g // NS) & 1)
-                    acc = warpgroup_mma(q_smem.index(slot), k_smem.index(slot).permute((1, 0)), acc,
-                                        use_acc=kk != 0, is_async=True)
-                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                    # the MMA of chunk g-1 is complete: its slot takes chunk c + NS - 1 (of this tile or the next)
-                    _issue(q_desc, k_desc, q_smem, k_smem, bars, g + NS - 1, c + NS - 1, total, q_row, col_h, k_row,
-                           col_t, DH, BN, BKD, NKD, NS)
-                    g += 1
+                if NKD <= UNROLL:
+                    for kk in gl.static_range(NKD):
+                        acc = _chunk(acc, kk, jt, g, q_desc, k_desc, q_smem, k_smem, bars, total, q_row, col_h, k_row,
+                                     col_t, DH, BN, BKD, NKD, NS)
+                        g += 1
+                else:  # a rolled loop: unrolled, the hoisted chunk coordinates spill (s 16: NKD 32)
+                    for kk in range(NKD):
+                        acc = _chunk(acc, kk, jt, g, q_desc, k_desc, q_smem, k_smem, bars, total, q_row, col_h, k_row,
+                                     col_t, DH, BN, BKD, NKD, NS)
+                        g += 1
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 # epilogue (log2 domain), as kernel._tile_lse: the causal mask only on tiles past some row's limit
                 x = acc * qk_scale
@@ -163,7 +177,7 @@ def _estimate_gluon_kernel(
 
 
 #: Tiles of the Gluon kernel (v8, H200): the Triton GEMM form's tiles; variants in ``NOTES_stages.md``.
-TILES = dict(BM=128, BN=256, BKD=64, NS=3, NJ=16, num_warps=8)
+TILES = dict(BM=128, BN=256, BKD=64, NS=3, NJ=16, UNROLL=16, num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,4 +203,4 @@ def launch(qo, kr, out, *, Lq: int, Lk: int, Hq: int, Hkv: int, D: int, s: int, 
         q_desc, k_desc, out, scratch, *out.stride()[:3], Lq, Lk, nq, nk, qo.rows, Rk, n_rt, n_rt * B * Hq,
         qo.row_b, qo.row_h, qo.col_t, qo.col_hd, Hq, Hq // Hkv, B * Hq, qk_scale, pitch,
         S=s, SD=s * D, DH=D, RB=RB, PP=BM // RB, BM=BM, BN=BN, KPB=KPB, BKD=BKD, NJ=tiles["NJ"], NS=tiles["NS"],
-        num_warps=tiles["num_warps"])
+        UNROLL=tiles["UNROLL"], num_warps=tiles["num_warps"])
