@@ -97,8 +97,8 @@ def main() -> None:
         for L in args.lengths:
             q, k, _ = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device=dev, seed=1)
             big[L] = (q.transpose(1, 2).contiguous().transpose(1, 2), k)
-        for tiles in ({}, {"UNROLL": 8}, {"NS": 4}, {"NS": 4, "UNROLL": 8}, {"BKD": 128, "NS": 2},
-                      {"NJ": 32}, {"UNROLL": 32}):
+        for tiles in ({}, {"NJ": 32}, {"NJ": 64}, {"NJ": 32, "NS": 4}, {"NJ": 64, "NS": 4},
+                      {"NJ": 32, "UNROLL": 8}):
             row = dict(tiles=tiles)
             try:
                 errs = [(run("gluon", q, k, s, poison=True, tiles=tiles) - rf).abs().max().item()

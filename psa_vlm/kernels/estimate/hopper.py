@@ -164,7 +164,8 @@ def _estimate_gluon_kernel(
             oj = gl.arange(0, NJ, layout=gl.SliceLayout(0, out_l))
             dst = (out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
                    + gl.expand_dims(i_p.to(gl.int64) * stride_oq, 1))
-            for j0 in range(0, nk, NJ):
+            n_full = gl.cdiv(nvis, NJ) * NJ
+            for j0 in range(0, n_full, NJ):
                 jj2 = j0 + offs_j
                 lse2 = gl.load(scr_base + gl.expand_dims(rr2.to(gl.int64) * pitch, 1) + gl.expand_dims(jj2, 0),
                                mask=gl.expand_dims(rok2, 1) & gl.expand_dims(jj2 < nvis, 0), other=float("-inf"))
@@ -172,6 +173,11 @@ def _estimate_gluon_kernel(
                 val = gl.convert_layout(gl.sum(gl.reshape(pr, [PP, RB, NJ]), axis=1), out_l)
                 ojj = j0 + oj
                 gl.store(dst + gl.expand_dims(ojj, 0), val,
+                         mask=gl.expand_dims(i_p < nq, 1) & gl.expand_dims(ojj < nk, 0))
+            zero = gl.zeros([PP, NJ], gl.float32, out_l)
+            for j0 in range(n_full, nk, NJ):  # KV blocks no row of the item sees: zeros, nothing to read
+                ojj = j0 + oj
+                gl.store(dst + gl.expand_dims(ojj, 0), zero,
                          mask=gl.expand_dims(i_p < nq, 1) & gl.expand_dims(ojj < nk, 0))
             _cta_barrier()  # the next item overwrites the scratch
 
