@@ -183,7 +183,7 @@ def _estimate_gluon_kernel(
 
 
 #: Tiles of the Gluon kernel (v8, H200): the Triton GEMM form's tiles; variants in ``NOTES_stages.md``.
-TILES = dict(BM=128, BN=256, BKD=64, NS=3, NJ=16, UNROLL=16, num_warps=8)
+TILES = dict(BM=128, BN=256, BKD=64, NS=3, NJ=64, UNROLL=16, num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
