@@ -252,6 +252,47 @@ def test_gluon_engine_not_on_cpu(overrides):
         est_kernel._gluon_engine(q, True, {"GLUON": True})
 
 
+def test_gluon_needs_triton_3_6(monkeypatch):
+    monkeypatch.setattr(est_kernel.triton, "__version__", "3.5.1")
+    est_kernel._gluon_import_error.cache_clear()
+    try:
+        assert "3.5.1" in est_kernel._gluon_import_error()
+    finally:
+        monkeypatch.undo()
+        est_kernel._gluon_import_error.cache_clear()
+
+
+def test_gluon_compile_failure_falls_back(monkeypatch, poisoned, caplog):
+    """A Triton whose Gluon API no longer fits the kernel: logged once, the Triton GEMM form runs from then on."""
+    from triton.errors import TritonError
+
+    from psa_vlm.kernels.estimate import hopper
+
+    monkeypatch.setattr(est_kernel, "_GLUON_FAILURE", None)
+    # as on a Hopper GPU: the Gluon kernel is chosen while it has not failed
+    monkeypatch.setattr(est_kernel, "_gluon_engine", lambda q, interpret, ov: est_kernel._GLUON_FAILURE is None)
+    monkeypatch.setattr(est_kernel, "_num_sms", lambda index: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise TritonError("gluon API changed")
+
+    monkeypatch.setattr(hopper, "launch", broken)
+    q, k = rand((1, 4, 70, 16), torch.float16), rand((1, 2, 70, 16), torch.float16)
+    with caplog.at_level("WARNING", logger=est_kernel.__name__):
+        check(q, k, 16, 16, 4)
+    assert calls == [1] and "gluon API changed" in est_kernel._GLUON_FAILURE
+    assert any("did not compile" in r.getMessage() for r in caplog.records)
+    check(q, k, 16, 16, 4)
+    assert calls == [1], "a failed Gluon kernel is not compiled again"
+    monkeypatch.setattr(est_kernel, "_GLUON_FAILURE", None)
+    monkeypatch.setattr(est_kernel, "_OVERRIDES", {"GLUON": True})
+    with pytest.raises(TritonError):  # asked for explicitly: the error, not a fallback
+        block_importance(q, k, block_q=16, block_k=16, stride=4)
+
+
 @pytest.mark.gpu
 # the GEMM form as the Gluon kernel (Hopper) and as the Triton kernel (TMA: 9.0+), the general form (older GPUs)
 @pytest.mark.parametrize("engine", ["gluon", "triton", "general"])

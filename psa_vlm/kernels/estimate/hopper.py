@@ -3,17 +3,20 @@
 
 Why a second implementation of the same GEMM form: Gluon (Triton's explicit-layout dialect,
 ``triton.experimental.gluon``) lets the kernel keep one flat TMA / mbarrier ring across the key tiles of a work
-item, so the loads of the next tile are in flight while the softmax epilogue of the current tile runs, and lets
-the per-(row, KV block) log-sum-exps leave the accumulator's layout as one row per thread (one 32-byte store per
-row). With the same tiles as the Triton GEMM form (128 reduced rows x 256 reduced keys x 64-element chunks, 8
-warps, 3 stages, one program per SM) it ran 7% faster at 64k tokens and 11% faster at 128k on an H200
-(``NOTES_stages.md`` v8). A producer warp (warp specialisation), two programs per SM and smaller tiles were
-measured and were not faster.
+item (the next tile's first chunks load while the current tile's epilogue runs), store each row's per-KV-block
+log-sum-exps as vectors from a one-row-per-thread layout, and read back in the second pass only the KV blocks the
+item can see. With the Triton GEMM form's MMA tiles (128 reduced rows x 256 reduced keys x 64-element chunks, 8
+warps, 3 stages, one program per SM) it ran 14% faster on an H200 at 64k and 128k tokens (3.71 against 4.32 ms,
+14.4 against 16.7 ms, same run; ``NOTES_stages.md`` v8). Two 4-warp programs per SM, smaller tiles and a producer
+warp (warp specialisation) were measured and were slower or no faster.
 
-Used by ``kernel.block_importance`` on CUDA devices of compute capability 9.x when Gluon's Hopper module imports
-(Triton 3.6 and 3.8 checked); wgmma does not exist on other architectures, which keep the Triton GEMM form. Not
-runnable under ``TRITON_INTERPRET=1``: the CPU tests cover the Triton forms, the GPU tier compares this kernel with
-the float32 reference and with the Triton GEMM form. Nothing here is imported by ``import psa_vlm``.
+Used by ``kernel.block_importance`` on CUDA devices of compute capability 9.x with Triton >= 3.6 (run on the H200
+with 3.6, compiled for sm_90 with 3.8); wgmma does not exist on other architectures, which keep the Triton GEMM
+form, as do older Triton versions; a newer Triton whose Gluon API no longer fits falls back at the first compile with
+a warning (``kernel._gluon_failed``). Not runnable under ``TRITON_INTERPRET=1``: the CPU tests cover the Triton forms
+and the engine choice, the GPU tier compares this kernel with the float32 reference
+(``benchmarks/devcheck_gluon_estimate.py`` also with the Triton GEMM form). Nothing here is imported by
+``import psa_vlm``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ What it computes: XAttention's estimator. Reduced query row ``r`` (query rows ``
 ``c*s <= Lk - Lq + min(r*s+s-1, Lq-1)``; each reduced row is soft-maxed over its visible keys and the
 probabilities are summed per (query block, KV block). Output float32 ``[B, Hq, nq, nk]``, 0 where invisible.
 
-Two forms of one computation (``_gemm_form`` picks; both are tested against the reference):
+Two forms of one computation (``_gemm_form`` picks; both are tested against the reference), the first in two
+implementations:
 
 **GEMM form** (``_estimate_gemm_kernel``; float16/bfloat16, power-of-two ``bq/s`` and ``bk/s``, TMA: compute
 capability 9.0+). The antidiagonal sum is one dot product of two ``s * D``-long rows:
@@ -17,7 +18,9 @@ and from transformers' ``[B, L, H, D]`` storage when ``Lq % s == 0`` or the batc
 then added after the kernel by ``_add_ragged_row``; this layout also needs a descriptor chunk of at least 32
 elements dividing ``D`` on a GPU: D 64 and 128 yes, D 80 no); otherwise it is one zero-padded copy (0.5-0.9 ms
 at 64k tokens on an H200). In place on a ragged 64k prompt: 4.65 ms against 5.56 ms with the copy (v7).
-``Kr`` is always a copy (``Hkv / Hq`` of the query bytes). A work item is ``BM`` = 128 consecutive reduced rows
+``Kr`` is always a copy (``Hkv / Hq`` of the query bytes). On Hopper (compute capability 9.x, Triton >= 3.6) this form
+runs as the Gluon kernel of ``hopper.py`` (``_gluon_engine``: same tiles, same float32 arithmetic; 14% faster on an
+H200, ``NOTES_stages.md`` v8); elsewhere, and under the interpreter, as ``_estimate_gemm_kernel``. A work item is ``BM`` = 128 consecutive reduced rows
 of one query head (``128 / (bq/s)`` whole query blocks), walking the key tiles up to its causal limit; the items of
 one row tile's ``Hq`` heads run side by side, so the ``Hkv`` key streams are shared through L2.
 
@@ -47,8 +50,9 @@ Tiles (GPU defaults, chosen on an H200, see ``NOTES_stages.md``): ``BM`` 128 x `
 general form with up to two programs per SM and cp.async loads.
 
 Cost: ``Lq * Lk * Hq * D / s`` FLOPs for causal inputs (``1/(2s)`` of dense causal attention's). Measured on an
-H200 at 64k tokens, s 8 (v6): GEMM form 4.35 ms (443 TFLOP/s, 8.5% of dense SDPA), general form 5.47 ms
-(345 TFLOP/s); cuBLAS runs the same product without softmax or causal skipping at 623 TFLOP/s.
+H200 at 64k tokens, s 8: GEMM form as the Gluon kernel 3.71 ms (~520 TFLOP/s, v8), as the Triton kernel 4.32 ms in the
+same run (4.35 ms = 443 TFLOP/s in v6), general form 5.47 ms (345 TFLOP/s); cuBLAS runs the same product without
+softmax or causal skipping at 623 TFLOP/s.
 
 Limits: ``bq``, ``bk`` multiples of ``s``, any such ``s`` (the CPU tests compare both forms with the reference
 at s 4, 8 and 16, on 128 x 128 blocks too; the GPU tier at s 8 and 16 on Qwen2.5-VL-7B shapes); float16,
@@ -68,6 +72,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from triton.errors import TritonError
 
 from ..geometry import cdiv
 
@@ -672,34 +678,55 @@ def _gemm_bkd(cfg_bkd: int, D: int, interpret: bool) -> int:
     return bkd if D % bkd == 0 else cfg_bkd
 
 
+#: Triton versions whose Gluon API the Hopper kernel was compiled with (3.6 on the H200, 3.8 compiled for sm_90
+#: locally); older versions use the Triton GEMM form. A newer version whose API no longer fits falls back at its
+#: first compile (``_gluon_failed``).
+_GLUON_MIN_TRITON = (3, 6)
+#: Why the Gluon kernel failed to compile in this process (then the Triton GEMM form runs); ``None`` until then.
+_GLUON_FAILURE: Optional[str] = None
+
+
 def _gluon_engine(q: torch.Tensor, interpret: bool, overrides: dict) -> bool:
     """Whether the GEMM form runs as the Gluon kernel (``hopper.py``) rather than the Triton kernel.
 
-    Yes on CUDA devices of compute capability 9.x (wgmma is Hopper's instruction) when Gluon's Hopper module
-    imports, unless ``_OVERRIDES["GLUON"]`` is false; never under the interpreter (Gluon has none).
-    ``_OVERRIDES["GLUON"] = True`` where it cannot run raises instead of falling back.
+    Yes on CUDA devices of compute capability 9.x (wgmma is Hopper's instruction) with Triton >= 3.6 whose Gluon
+    Hopper module imports, unless ``_OVERRIDES["GLUON"]`` is false or the kernel failed to compile earlier in this
+    process; never under the interpreter (Gluon has none). ``_OVERRIDES["GLUON"] = True`` where it cannot run
+    raises instead of falling back.
     """
     want = overrides.get("GLUON", True)
-    able = not interpret and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and _gluon_imports()
+    able = (not interpret and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+            and _gluon_import_error() is None and _GLUON_FAILURE is None)
     if want and not able and overrides.get("GLUON") is True:
-        raise ValueError("the estimator's Gluon kernel needs a compute capability 9.x GPU and triton.experimental."
-                         f"gluon (import error: {_gluon_import_error()})")
+        raise ValueError("the estimator's Gluon kernel needs a compute capability 9.x GPU and Triton >= 3.6 with "
+                         f"triton.experimental.gluon (import: {_gluon_import_error() or 'ok'}; compile: "
+                         f"{_GLUON_FAILURE or 'not failed'})")
     return bool(want) and able
 
 
 @functools.lru_cache(maxsize=None)
 def _gluon_import_error() -> Optional[str]:
-    try:
-        from . import hopper  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the Triton GEMM form
-        logger.info("estimator: Gluon kernel unavailable (%s: %s); the Triton GEMM form runs", type(exc).__name__,
-                    exc)
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """``None`` when the Gluon kernel can be used with this Triton, else the reason (logged once)."""
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
+    if version < _GLUON_MIN_TRITON:
+        reason = f"Triton {triton.__version__} < {'.'.join(map(str, _GLUON_MIN_TRITON))}"
+    else:
+        try:
+            from . import hopper  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any failure to import means: use the Triton GEMM form
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            return None
+    logger.info("estimator: Gluon kernel unavailable (%s); the Triton GEMM form runs", reason)
+    return reason
 
 
-def _gluon_imports() -> bool:
-    return _gluon_import_error() is None
+def _gluon_failed(exc: Exception) -> None:
+    """Record a failed first compile of the Gluon kernel (a Triton whose Gluon API changed) and log it once."""
+    global _GLUON_FAILURE
+    _GLUON_FAILURE = f"{type(exc).__name__}: {str(exc)[-500:]}"
+    logger.warning("estimator: the Gluon kernel did not compile with Triton %s (%s); the Triton GEMM form runs "
+                   "instead for the rest of this process", triton.__version__, _GLUON_FAILURE)
 
 
 def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB: int, KPB: int, scale: float,
@@ -710,6 +737,7 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
     SD = s * D
     Rq, Rk = cdiv(Lq, s), cdiv(Lk, s)
     kr = _gemm_keys(k, s)
+    ran = False
     if _gluon_engine(q, interpret, _OVERRIDES):
         from . import hopper
 
@@ -719,10 +747,16 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
         # scratch rows padded to whole key tiles: the kernel stores a tile's block values without a column mask
         programs, pitch, scratch = _persistent_grid(q.device, -1, tiles["BM"], nk, cdiv(Rq, tiles["BM"]) * B * Hq,
                                                     multiple=max(16, tiles["BN"] // KPB))
-        hopper.launch(qo, kr, out, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv, D=D, s=s, RB=RB, KPB=KPB,
-                      qk_scale=scale / s * _LOG2E, programs=programs, pitch=pitch, scratch=scratch,
-                      fp16=q.dtype == torch.float16, tiles=tiles)
-    else:
+        try:
+            hopper.launch(qo, kr, out, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv, D=D, s=s, RB=RB, KPB=KPB,
+                          qk_scale=scale / s * _LOG2E, programs=programs, pitch=pitch, scratch=scratch,
+                          fp16=q.dtype == torch.float16, tiles=tiles)
+            ran = True
+        except (TritonError, RuntimeError) as exc:  # the front end, MLIR passes or ptxas of another Triton
+            if isinstance(exc, torch.OutOfMemoryError) or _OVERRIDES.get("GLUON") is True:
+                raise
+            _gluon_failed(exc)  # nothing was launched: ``out`` is untouched, the Triton GEMM form writes it
+    if not ran:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         cfg = _gemm_tiles(RB, KPB, SD, interpret, _OVERRIDES)
