@@ -73,13 +73,15 @@ def check_estimate(dev: torch.device, L: int) -> bool:
     ok = True
     from psa_vlm.kernels.estimate import kernel as est
 
-    for (lq, bq, bk, s), gemm, layout in itertools.product(
+    for (lq, bq, bk, s), engine, layout in itertools.product(
             ((L, 128, 128, 8), (L - 1000 - 3, 128, 128, 8), (L - 77, 64, 128, 4), (L - 5, 128, 128, 16)),
-            (True, False), ("bhld", "blhd")):
+            ("gluon", "triton", "general"), ("bhld", "blhd")):
+        if engine == "gluon" and torch.cuda.get_device_capability(dev)[0] != 9:
+            continue  # the Gluon kernel is Hopper's
         qq = q[:, :, L - lq :]
         if layout == "blhd":  # the storage transformers' attention modules hand over
             qq = qq.transpose(1, 2).contiguous().transpose(1, 2)
-        _set(est, dict(GEMM=gemm))
+        _set(est, dict(GEMM=engine != "general", GLUON=engine == "gluon"))
         torch.cuda.synchronize()
         out = block_importance(qq, k, block_q=bq, block_k=bk, stride=s, scale=None)
         _set(est, None)
@@ -88,7 +90,7 @@ def check_estimate(dev: torch.device, L: int) -> bool:
         mx = (out - r).abs().max().item()
         good = bool(torch.isfinite(out).all()) and rel < 1e-4
         ok &= good
-        _log(f"  estimate Lq={lq} Lk={L} bq={bq} bk={bk} s={s} gemm={gemm} {layout}: rel err={rel:.2e} max abs={mx:.2e} "
+        _log(f"  estimate Lq={lq} Lk={L} bq={bq} bk={bk} s={s} {engine} {layout}: rel err={rel:.2e} max abs={mx:.2e} "
              f"-> {'ok' if good else 'FAIL'}")
     return ok
 
@@ -136,15 +138,18 @@ def ceilings(dev: torch.device) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
+# GLUON=False pins the Triton kernel of the GEMM form (on Hopper the default is the Gluon kernel, whose tiles these
+# keys do not reach; benchmarks/devcheck_gluon_estimate.py --variants times its own)
 ESTIMATOR_VARIANTS: List[dict] = [
     dict(GEMM=False),  # general form (v3 tiles: BN 256, BKD 64, 8 warps, 3 stages)
-    dict(GEMM=True),  # GEMM form defaults (v6): BM 128, BN 256, BKD 64, 8 warps, 3 stages, one program per SM
-    dict(GEMM=True, num_stages=4),
-    dict(GEMM=True, num_stages=2),
-    dict(GEMM=True, FLAT=True),  # tile and K loops flattened (pipeline does not drain per tile; spills)
-    dict(GEMM=True, BN=128, num_stages=4),
-    dict(GEMM=True, BKD=128, num_stages=2),
-    dict(GEMM=True, PROGRAMS=0),  # up to two programs per SM (the general form's grid)
+    dict(GEMM=True),  # GEMM form as shipped: the Gluon kernel on Hopper (v8), the Triton kernel elsewhere
+    dict(GEMM=True, GLUON=False),  # Triton kernel defaults (v6): BM 128, BN 256, BKD 64, 8 warps, 3 stages
+    dict(GEMM=True, GLUON=False, num_stages=4),
+    dict(GEMM=True, GLUON=False, num_stages=2),
+    dict(GEMM=True, GLUON=False, FLAT=True),  # tile and K loops flattened (pipeline does not drain per tile)
+    dict(GEMM=True, GLUON=False, BN=128, num_stages=4),
+    dict(GEMM=True, GLUON=False, BKD=128, num_stages=2),
+    dict(GEMM=True, GLUON=False, PROGRAMS=0),  # up to two programs per SM (the general form's grid)
 ]
 POOL_VARIANTS: List[dict] = [dict(CH=64, num_warps=4), dict(CH=64, num_warps=8), dict(CH=32, num_warps=4),
                              dict(CH=128, num_warps=8)]
@@ -270,7 +275,12 @@ def kernel_report() -> None:
     from psa_vlm.kernels.estimate import kernel as est
     from psa_vlm.kernels.pool import kernel as pool
 
-    for fn in (pool._pool_kernel, est._estimate_kernel, est._estimate_gemm_kernel, asg._assign_kernel):
+    fns = [pool._pool_kernel, est._estimate_kernel, est._estimate_gemm_kernel, asg._assign_kernel]
+    if est._gluon_import_error() is None:
+        from psa_vlm.kernels.estimate import hopper
+
+        fns.append(hopper._estimate_gluon_kernel)
+    for fn in fns:
         try:
             caches = getattr(fn, "device_caches", {})
             for dev_cache in caches.values():

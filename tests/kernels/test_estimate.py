@@ -262,22 +262,28 @@ def test_gluon_needs_triton_3_6(monkeypatch):
         est_kernel._gluon_import_error.cache_clear()
 
 
-def test_gluon_compile_failure_falls_back(monkeypatch, poisoned, caplog):
+@pytest.mark.parametrize("error", ["compile", "host"])
+def test_gluon_compile_failure_falls_back(monkeypatch, poisoned, caplog, error):
     """A Triton whose Gluon API no longer fits the kernel: logged once, the Triton GEMM form runs from then on."""
+    pytest.importorskip("triton.experimental.gluon")
     from triton.errors import TritonError
 
     from psa_vlm.kernels.estimate import hopper
 
+    if est_kernel._gluon_import_error() is not None:
+        pytest.skip(f"Gluon kernel unavailable here: {est_kernel._gluon_import_error()}")
     monkeypatch.setattr(est_kernel, "_GLUON_FAILURE", None)
-    # as on a Hopper GPU: the Gluon kernel is chosen while it has not failed
-    monkeypatch.setattr(est_kernel, "_gluon_engine", lambda q, interpret, ov: est_kernel._GLUON_FAILURE is None)
+    # as on a Hopper GPU (the real _gluon_engine decides, including "not again after a failure")
+    monkeypatch.setattr(est_kernel, "_gluon_hardware", lambda q, interpret: True)
     monkeypatch.setattr(est_kernel, "_num_sms", lambda index: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     calls = []
 
     def broken(*args, **kwargs):
         calls.append(1)
-        raise TritonError("gluon API changed")
+        if error == "compile":
+            raise TritonError("gluon API changed")
+        raise TypeError("gluon API changed: unexpected keyword")  # host-side descriptor / layout construction
 
     monkeypatch.setattr(hopper, "launch", broken)
     q, k = rand((1, 4, 70, 16), torch.float16), rand((1, 2, 70, 16), torch.float16)
@@ -289,7 +295,35 @@ def test_gluon_compile_failure_falls_back(monkeypatch, poisoned, caplog):
     assert calls == [1], "a failed Gluon kernel is not compiled again"
     monkeypatch.setattr(est_kernel, "_GLUON_FAILURE", None)
     monkeypatch.setattr(est_kernel, "_OVERRIDES", {"GLUON": True})
-    with pytest.raises(TritonError):  # asked for explicitly: the error, not a fallback
+    with pytest.raises((TritonError, TypeError)):  # asked for explicitly: the error, not a fallback
+        block_importance(q, k, block_q=16, block_k=16, stride=4)
+
+
+def test_gluon_device_errors_propagate(monkeypatch):
+    """Out of memory or a CUDA error at the launch is no API mismatch: raised, and the Gluon kernel stays on."""
+    pytest.importorskip("triton.experimental.gluon")
+    from psa_vlm.kernels.estimate import hopper
+
+    if est_kernel._gluon_import_error() is not None:
+        pytest.skip(f"Gluon kernel unavailable here: {est_kernel._gluon_import_error()}")
+    monkeypatch.setattr(est_kernel, "_GLUON_FAILURE", None)
+    monkeypatch.setattr(est_kernel, "_gluon_hardware", lambda q, interpret: True)
+    monkeypatch.setattr(est_kernel, "_num_sms", lambda index: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    q, k = rand((1, 4, 64, 16), torch.float16), rand((1, 2, 64, 16), torch.float16)
+    for exc in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("Triton Error [CUDA]: an illegal address")):
+        def launch(*args, _exc=exc, **kwargs):
+            raise _exc
+
+        monkeypatch.setattr(hopper, "launch", launch)
+        with pytest.raises(type(exc)):
+            block_importance(q, k, block_q=16, block_k=16, stride=4)
+        assert est_kernel._GLUON_FAILURE is None
+
+
+def test_lq_above_lk_rejected():
+    q, k = rand((1, 2, 40, 16), torch.float32), rand((1, 2, 32, 16), torch.float32)
+    with pytest.raises(ValueError, match="Lq=40 > Lk=32"):
         block_importance(q, k, block_q=16, block_k=16, stride=4)
 
 
@@ -329,7 +363,8 @@ def test_gpu_bf16_qwen_shapes(overrides, poisoned, Lq, Lk, layout, s, engine):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk,s,dtype", [
     (2, 8, 2, 3000 - 5, 3000, 64, 64, 128, 4, torch.float16),  # batch 2 ragged: one padded copy
-    (1, 4, 4, 4096, 4096, 80, 128, 128, 8, torch.bfloat16),  # D 80: a partial last chunk per reduced row
+    (1, 4, 4, 4096, 4096, 80, 128, 128, 8, torch.bfloat16),  # D 80: s*D = 640, ten 64-element chunks
+    (1, 4, 2, 1024, 1024, 40, 64, 64, 4, torch.float16),  # s*D = 160: a partial last chunk (TMA zero-fills it)
     (1, 6, 2, 777, 5000, 128, 128, 64, 16, torch.float16),  # Lq << Lk
 ])
 def test_gpu_gluon_shapes(overrides, poisoned, B, Hq, Hkv, Lq, Lk, D, bq, bk, s, dtype):

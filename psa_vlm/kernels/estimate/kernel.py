@@ -86,8 +86,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Scratch budget (float32 block log-sum-exps, ``[BM, nk]`` per program); the grid shrinks to fit, but never
 #: below one program per SM.
 _SCRATCH_BYTES = 64 << 20
-#: Tile/launch overrides (``ROWS``, ``BN``, ``BKD``, ``NJ``, ``FLAT``, ``PROGRAMS``, ``num_warps``, ``num_stages``)
-#: for benchmarks and tests; empty by default.
+#: Tile/launch overrides for benchmarks and tests, empty by default: ``GEMM`` (the GEMM form on / off), ``GLUON``
+#: (its Gluon kernel on / off; ``True`` raises where it cannot run), ``GLUON_TILES`` (a dict over ``hopper.TILES``),
+#: and the Triton kernels' ``ROWS``, ``BN``, ``BKD``, ``NJ``, ``FLAT``, ``PROGRAMS``, ``num_warps``, ``num_stages``.
 _OVERRIDES: dict = {}
 #: Whether the GEMM form (``_estimate_gemm_kernel``) runs where it can; see ``_gemm_form``.
 _GEMM_DEFAULT = True
@@ -695,13 +696,17 @@ def _gluon_engine(q: torch.Tensor, interpret: bool, overrides: dict) -> bool:
     raises instead of falling back.
     """
     want = overrides.get("GLUON", True)
-    able = (not interpret and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and _gluon_import_error() is None and _GLUON_FAILURE is None)
+    able = _gluon_hardware(q, interpret) and _gluon_import_error() is None and _GLUON_FAILURE is None
     if want and not able and overrides.get("GLUON") is True:
         raise ValueError("the estimator's Gluon kernel needs a compute capability 9.x GPU and Triton >= 3.6 with "
                          f"triton.experimental.gluon (import: {_gluon_import_error() or 'ok'}; compile: "
                          f"{_GLUON_FAILURE or 'not failed'})")
     return bool(want) and able
+
+
+def _gluon_hardware(q: torch.Tensor, interpret: bool) -> bool:
+    """A CUDA tensor on a compute capability 9.x device, outside the interpreter (wgmma is Hopper's)."""
+    return not interpret and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -719,6 +724,13 @@ def _gluon_import_error() -> Optional[str]:
             return None
     logger.info("estimator: Gluon kernel unavailable (%s); the Triton GEMM form runs", reason)
     return reason
+
+
+def _device_error(exc: BaseException) -> bool:
+    """Out of memory or a CUDA error (torch's, or Triton's launcher's "Triton Error [CUDA]")."""
+    if isinstance(exc, (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA" in str(exc)
 
 
 def _gluon_failed(exc: Exception) -> None:
@@ -743,6 +755,8 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
 
         tiles = dict(hopper.TILES, **_OVERRIDES.get("GLUON_TILES", {}))
         tiles["BKD"] = min(tiles["BKD"], max(16, triton.next_power_of_2(SD)))
+        tiles["BM"] = max(tiles["BM"], RB)  # whole query blocks per item and whole KV blocks per key tile
+        tiles["BN"] = max(tiles["BN"], KPB)
         qo = _gemm_query(q, s, tiles["BKD"], interpret)
         # scratch rows padded to whole key tiles: the kernel stores a tile's block values without a column mask
         programs, pitch, scratch = _persistent_grid(q.device, -1, tiles["BM"], nk, cdiv(Rq, tiles["BM"]) * B * Hq,
@@ -752,8 +766,12 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
                           qk_scale=scale / s * _LOG2E, programs=programs, pitch=pitch, scratch=scratch,
                           fp16=q.dtype == torch.float16, tiles=tiles)
             ran = True
-        except (TritonError, RuntimeError) as exc:  # the front end, MLIR passes or ptxas of another Triton
-            if isinstance(exc, torch.OutOfMemoryError) or _OVERRIDES.get("GLUON") is True:
+        except (TritonError, RuntimeError, TypeError, AttributeError, AssertionError) as exc:
+            # what another Triton's Gluon API raises before anything runs: its front end, MLIR passes or ptxas
+            # (TritonError, RuntimeError), or the host-side descriptors and layouts (TypeError, AttributeError,
+            # AssertionError). Errors of the device itself (out of memory, a CUDA error surfacing at the launch)
+            # are not an API mismatch and propagate.
+            if _OVERRIDES.get("GLUON") is True or _device_error(exc):
                 raise
             _gluon_failed(exc)  # nothing was launched: ``out`` is untouched, the Triton GEMM form writes it
     if not ran:
@@ -857,7 +875,8 @@ def block_importance(
 
     Args:
         q: ``[B, Hq, Lq, D]``.
-        k: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA: query head ``h`` reads KV head ``h // G``).
+        k: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA: query head ``h`` reads KV head ``h // G``) and
+            ``Lk >= Lq`` (query ``i`` sits at key position ``Lk - Lq + i``).
         block_q: ``bq``, a multiple of ``stride``.
         block_k: ``bk``, a multiple of ``stride``.
         stride: ``s``.
@@ -868,6 +887,11 @@ def block_importance(
     Returns:
         float32 ``[B, Hq, nq, nk]`` with ``nq = ceil(Lq/bq)``, ``nk = ceil(Lk/bk)``; each reduced row's
         probabilities sum to 1, so row ``i`` sums to the number of reduced rows in query block ``i``.
+
+    Raises:
+        ValueError: not 4-d tensors, mismatched dtype/device/batch/head_dim, ``Hq`` not a multiple of ``Hkv``,
+            ``Lq > Lk``, or a stride that does not divide both block sizes.
+        TypeError: a dtype other than float16, bfloat16, float32.
     """
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -880,6 +904,9 @@ def block_importance(
     Bk, Hkv, Lk, Dk = k.shape
     if Bk != B or Dk != D or Hkv == 0 or Hq % Hkv:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)} (batch, head_dim, GQA groups)")
+    if Lq > Lk:
+        raise ValueError(f"Lq={Lq} > Lk={Lk}: the queries must be the last Lq of the keys' positions (prefill "
+                         "appends the new tokens to the cache before attention); pass the keys of every query")
     s = int(stride)
     if s <= 0 or block_q % s or block_k % s:
         raise ValueError(f"stride={stride} must be positive and divide block_q={block_q} and block_k={block_k}")
