@@ -3,9 +3,9 @@ kernel, on the same inputs in the same run. Not imported by the library.
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/devcheck_gluon_estimate.py [--lengths 65536 131072] [--out DIR]
 
-1. Checks (on a Hopper GPU both engines, elsewhere the Triton one; bf16, video-like, transformers' ``[B, L, H, D]`` storage; even and ragged lengths, ``Lq < Lk``, stride
-   8 and 16): both engines against the float32 reference at 8k, against each other at 20k; every output poisoned
-   with NaN first.
+1. Checks (on a Hopper GPU both engines, elsewhere the Triton one; bf16, video-like, transformers' ``[B, L, H, D]``
+   storage; even and ragged lengths, ``Lq < Lk``, stride 8 and 16): against the float32 reference at 8k, the Gluon
+   kernel against the Triton one at 20k; every output poisoned with NaN first.
 2. ``triton.testing.do_bench`` medians of cuDNN SDPA (causal GQA) and ``block_importance`` with either engine
    (``_OVERRIDES["GLUON"]``), at each length, stride 8 and 16, an even length and the length minus 3 (the ragged
    row added after the kernel). Timings only for the engines whose checks passed.

@@ -18,11 +18,12 @@ and from transformers' ``[B, L, H, D]`` storage when ``Lq % s == 0`` or the batc
 then added after the kernel by ``_add_ragged_row``; this layout also needs a descriptor chunk of at least 32
 elements dividing ``D`` on a GPU: D 64 and 128 yes, D 80 no); otherwise it is one zero-padded copy (0.5-0.9 ms
 at 64k tokens on an H200). In place on a ragged 64k prompt: 4.65 ms against 5.56 ms with the copy (v7).
-``Kr`` is always a copy (``Hkv / Hq`` of the query bytes). On Hopper (compute capability 9.x, Triton >= 3.6) this form
-runs as the Gluon kernel of ``hopper.py`` (``_gluon_engine``: same tiles, same float32 arithmetic; 14% faster on an
-H200, ``NOTES_stages.md`` v8); elsewhere, and under the interpreter, as ``_estimate_gemm_kernel``. A work item is ``BM`` = 128 consecutive reduced rows
-of one query head (``128 / (bq/s)`` whole query blocks), walking the key tiles up to its causal limit; the items of
-one row tile's ``Hq`` heads run side by side, so the ``Hkv`` key streams are shared through L2.
+``Kr`` is always a copy (``Hkv / Hq`` of the query bytes). On Hopper (compute capability 9.x, Triton >= 3.6) this
+form runs as the Gluon kernel of ``hopper.py`` (``_gluon_engine``: same tiles, same float32 arithmetic; 14% faster
+on an H200, ``NOTES_stages.md`` v8); elsewhere, and under the interpreter, as ``_estimate_gemm_kernel``. A work
+item is ``BM`` = 128 consecutive reduced rows of one query head (``128 / (bq/s)`` whole query blocks), walking the
+key tiles up to its causal limit; the items of one row tile's ``Hq`` heads run side by side, so the ``Hkv`` key
+streams are shared through L2.
 
 **General form** (``_estimate_kernel``; any ``s`` dividing the blocks, float32 too): the same sum as ``s``
 strided steps of ``D``-wide dots, loaded with pointer arithmetic. Work items are the (query block, query head)
@@ -50,9 +51,9 @@ Tiles (GPU defaults, chosen on an H200, see ``NOTES_stages.md``): ``BM`` 128 x `
 general form with up to two programs per SM and cp.async loads.
 
 Cost: ``Lq * Lk * Hq * D / s`` FLOPs for causal inputs (``1/(2s)`` of dense causal attention's). Measured on an
-H200 at 64k tokens, s 8: GEMM form as the Gluon kernel 3.71 ms (~520 TFLOP/s, v8), as the Triton kernel 4.32 ms in the
-same run (4.35 ms = 443 TFLOP/s in v6), general form 5.47 ms (345 TFLOP/s); cuBLAS runs the same product without
-softmax or causal skipping at 623 TFLOP/s.
+H200 at 64k tokens, s 8: GEMM form as the Gluon kernel 3.71 ms (~520 TFLOP/s, v8), as the Triton kernel 4.32 ms
+in the same run (4.35 ms = 443 TFLOP/s in v6), general form 5.47 ms (345 TFLOP/s); cuBLAS runs the same product
+without softmax or causal skipping at 623 TFLOP/s.
 
 Limits: ``bq``, ``bk`` multiples of ``s``, any such ``s`` (the CPU tests compare both forms with the reference
 at s 4, 8 and 16, on 128 x 128 blocks too; the GPU tier at s 8 and 16 on Qwen2.5-VL-7B shapes); float16,
@@ -72,7 +73,6 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-
 from triton.errors import TritonError
 
 from ..geometry import cdiv
@@ -734,7 +734,7 @@ def _device_error(exc: BaseException) -> bool:
 
 
 def _gluon_failed(exc: Exception) -> None:
-    """Record a failed first compile of the Gluon kernel (a Triton whose Gluon API changed) and log it once."""
+    """Record that the Gluon kernel could not be built with this Triton (its Gluon API changed) and log it once."""
     global _GLUON_FAILURE
     _GLUON_FAILURE = f"{type(exc).__name__}: {str(exc)[-500:]}"
     logger.warning("estimator: the Gluon kernel did not compile with Triton %s (%s); the Triton GEMM form runs "
