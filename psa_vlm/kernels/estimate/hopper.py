@@ -27,6 +27,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from ..geometry import cdiv
+
 # the CTA-wide barrier: ``thread_barrier`` in Triton 3.6, ``barrier`` from 3.7 on
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
@@ -185,7 +187,8 @@ def _estimate_gluon_kernel(
             _cta_barrier()  # the next item overwrites the scratch
 
 
-#: Tiles of the Gluon kernel (v8, H200): the Triton GEMM form's tiles; variants in ``NOTES_stages.md``.
+#: Tiles of the Gluon kernel (v8, H200): the Triton GEMM form's MMA tiles, a 64-block-wide second pass (``NJ``), the
+#: chunk loop unrolled up to 16 chunks (s 8 at D 128); variants in ``NOTES_stages.md``.
 TILES = dict(BM=128, BN=256, BKD=64, NS=3, NJ=64, UNROLL=16, num_warps=8)
 
 
@@ -197,14 +200,15 @@ def _shared_layout(block: tuple, fp16: bool):
 def launch(qo, kr, out, *, Lq: int, Lk: int, Hq: int, Hkv: int, D: int, s: int, RB: int, KPB: int, qk_scale: float,
            programs: int, pitch: int, scratch, fp16: bool, tiles: dict) -> None:
     """Run the kernel on the operands ``kernel._launch_gemm`` prepared (``qo``: ``_GemmQuery``, ``kr``: reversed
-    reduced keys, ``out`` float32 ``[B, Hq, nq, nk]``, ``scratch`` of ``programs * BM * pitch`` float32)."""
+    reduced keys, ``out`` float32 ``[B, Hq, nq, nk]``, ``scratch`` of ``programs * BM * pitch`` float32, ``pitch`` a
+    multiple of ``BN // KPB``). Requires ``Lq <= Lk`` (``block_importance`` checks it): every item then sees a key."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     BM, BN, BKD = tiles["BM"], tiles["BN"], qo.bkd
     B = out.shape[0]
     nq, nk = out.shape[2], out.shape[3]
     Rk = kr.shape[0] // (B * Hkv)
-    n_rt = -(-(-(-Lq // s)) // BM)
+    n_rt = cdiv(cdiv(Lq, s), BM)  # row tiles per head
     q_desc = TensorDescriptor(qo.view, list(qo.view.shape), list(qo.view.stride()), [BM, BKD],
                               _shared_layout((BM, BKD), fp16))
     k_desc = TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [BN, BKD], _shared_layout((BN, BKD), fp16))
