@@ -262,21 +262,28 @@ def test_gluon_needs_triton_3_6(monkeypatch):
         est_kernel._gluon_import_error.cache_clear()
 
 
-@pytest.mark.parametrize("error", ["compile", "host"])
-def test_gluon_compile_failure_falls_back(monkeypatch, poisoned, caplog, error):
-    """A Triton whose Gluon API no longer fits the kernel: logged once, the Triton GEMM form runs from then on."""
+@pytest.fixture
+def as_on_hopper(monkeypatch):
+    """The estimator as on a Hopper GPU: only the hardware check is patched (the real ``_gluon_engine`` decides,
+    including "not again after a failure"), no failure recorded yet; yields the ``hopper`` module to patch."""
     pytest.importorskip("triton.experimental.gluon")
-    from triton.errors import TritonError
-
     from psa_vlm.kernels.estimate import hopper
 
     if est_kernel._gluon_import_error() is not None:
         pytest.skip(f"Gluon kernel unavailable here: {est_kernel._gluon_import_error()}")
     monkeypatch.setattr(est_kernel, "_GLUON_FAILURE", None)
-    # as on a Hopper GPU (the real _gluon_engine decides, including "not again after a failure")
     monkeypatch.setattr(est_kernel, "_gluon_hardware", lambda q, interpret: True)
     monkeypatch.setattr(est_kernel, "_num_sms", lambda index: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return hopper
+
+
+@pytest.mark.parametrize("error", ["compile", "host"])
+def test_gluon_compile_failure_falls_back(monkeypatch, as_on_hopper, poisoned, caplog, error):
+    """A Triton whose Gluon API no longer fits the kernel: logged once, the Triton GEMM form runs from then on."""
+    from triton.errors import TritonError
+
+    hopper = as_on_hopper
     calls = []
 
     def broken(*args, **kwargs):
@@ -299,17 +306,9 @@ def test_gluon_compile_failure_falls_back(monkeypatch, poisoned, caplog, error):
         block_importance(q, k, block_q=16, block_k=16, stride=4)
 
 
-def test_gluon_device_errors_propagate(monkeypatch):
+def test_gluon_device_errors_propagate(monkeypatch, as_on_hopper):
     """Out of memory or a CUDA error at the launch is no API mismatch: raised, and the Gluon kernel stays on."""
-    pytest.importorskip("triton.experimental.gluon")
-    from psa_vlm.kernels.estimate import hopper
-
-    if est_kernel._gluon_import_error() is not None:
-        pytest.skip(f"Gluon kernel unavailable here: {est_kernel._gluon_import_error()}")
-    monkeypatch.setattr(est_kernel, "_GLUON_FAILURE", None)
-    monkeypatch.setattr(est_kernel, "_gluon_hardware", lambda q, interpret: True)
-    monkeypatch.setattr(est_kernel, "_num_sms", lambda index: 2)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    hopper = as_on_hopper
     q, k = rand((1, 4, 64, 16), torch.float16), rand((1, 2, 64, 16), torch.float16)
     for exc in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("Triton Error [CUDA]: an illegal address")):
         def launch(*args, _exc=exc, **kwargs):
