@@ -3,13 +3,15 @@
 # Install first: pip install -e ".[eval,test,fa4]"  (fa4: FlashAttention-4 for the fa4 backend; without it the
 # runs use the Triton backend and the FlashAttention-4 baselines are skipped).
 #
-# Usage: bash benchmarks/gpu_all.sh [PART ...]      (default: tests fa4 estimator lengths attention prefill)
+# Usage: bash benchmarks/gpu_all.sh [PART ...]      (default: tests fa4 estimator pooled lengths attention prefill)
 #   tests      GPU test tier (kernels, every backend, the model patch of every family) at realistic shapes
 #   fa4        benchmarks/devcheck_fa4.py: the FlashAttention-4 attend stage level by level, hybrid variants,
 #              import and first-compile cost
 #   stages     benchmarks/devcheck_stages.py: pool / estimate / assign against their references, timed
 #   estimator  benchmarks/devcheck_gluon_estimate.py: the estimator's Gluon kernel (Hopper) against the Triton
 #              GEMM form, both checked, timed in the same run
+#   pooled     benchmarks/devcheck_gluon_pooled.py: the attend stage's pooled launch as a Gluon kernel (Hopper)
+#              against the Triton kernel, checked, timed alone and inside the fa4 attend stage
 #   lengths    benchmarks/devcheck_lengths.py: a new prompt length does not recompile the kernels
 #              (BACKEND=auto|triton|fa4, default auto)
 #   attention  psa-vlm bench-attention (every dense baseline, every stage, checked in the same run)
@@ -28,7 +30,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PSA_VLM_TEST_GPU=1
-parts="${*:-tests fa4 estimator lengths attention prefill}"
+parts="${*:-tests fa4 estimator pooled lengths attention prefill}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 python3 -c "from psa_vlm.kernels.attention.fa4 import fa4_import_error as e; print('flash-attn-4:', e() or 'ok')"
@@ -49,6 +51,8 @@ for part in $parts; do
   case "$part" in
     tests)
       python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore::DeprecationWarning tests 2>&1 | tail -25 || rc=1 ;;
+    pooled)
+      python3 benchmarks/devcheck_gluon_pooled.py ${OUT:+--out "$OUT"} 2>&1 | grep -v "Warning\|exe_args" || rc=1 ;;
     fa4)
       python3 benchmarks/devcheck_fa4.py ${OUT:+--out "$OUT"} 2>&1 | grep -v "Warning" || rc=1 ;;
     lengths)

@@ -186,11 +186,14 @@ DENSE_TFLOPS = 650.0
 #: (1.4 / 1.2); 128k quota-0.2 52.3 / 58.6 (49.7 / 57.4). A quota config is judged on its own quotas (no host read),
 #: which put less work at full resolution than its plans (forced sink, diagonal and text blocks): quota-0.1 at 64k
 #: is 7.4 / 7.2 on its quotas (Triton) but 8.1 / 8.2 on its measured mix (fa4); the two engines measured within 1%
-#: there (8.4 / 8.4 ms), so the flip costs nothing. Calibrated on one card and input family: on another GPU
-#: the H200's constants decide (a wrong pick costs speed, never correctness).
+#: there (8.4 / 8.4 ms), so the flip costs nothing. Factors 4 and 8 of ``fa4`` at 1.53 since the pooled launch
+#: runs the Gluon kernel on Hopper (``fa4.pooled_launch``: 3.87-3.92 against 4.36-4.37 ms at 64k, 13.7-13.9 against
+#: 15.5-15.7 at 128k, quota-0.2, same runs; 1.73 x 0.885; NOTES_fa4.md v6); with Triton < 3.6 that launch is the
+#: Triton kernel's (1.73). Calibrated on one card and input family: on another GPU the H200's constants decide (a
+#: wrong pick costs speed, never correctness).
 ENGINE_TIMES: Dict[str, EngineTime] = {
     "triton": EngineTime(per_factor=(1.4, 1.6, 1.6, 1.6), fixed_ms=0.1, ms_per_gelem=0.0),
-    "fa4": EngineTime(per_factor=(1.13, 1.19, 1.73, 1.73), fixed_ms=0.6, ms_per_gelem=2.72),
+    "fa4": EngineTime(per_factor=(1.13, 1.19, 1.53, 1.53), fixed_ms=0.6, ms_per_gelem=2.72),
 }
 
 

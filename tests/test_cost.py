@@ -134,11 +134,12 @@ def test_config_histogram_is_the_quota_mix():
 
 
 # what run_psa feeds the model for a quota config: its own quotas; the engines bench-attention recorded under
-# backend="auto" (H200, eval/results/attention.csv, commits ef89363 and dd76dc8)
+# backend="auto" (H200, eval/results/attention.csv, commits ef89363 and dd76dc8); quota-0.1 at 64k moved to fa4
+# with the Gluon pooled launch (its factors 4 / 8 at 1.53 instead of 1.73; the engines measured within 1% there)
 @pytest.mark.parametrize(
     "preset,L,want",
     [
-        ("quota-0.1", 16384, "triton"), ("quota-0.1", 49152, "triton"), ("quota-0.1", 65536, "triton"),
+        ("quota-0.1", 16384, "triton"), ("quota-0.1", 49152, "triton"), ("quota-0.1", 65536, "fa4"),
         ("quota-0.1", 131072, "fa4"),
         ("quota-0.2", 32768, "triton"), ("quota-0.2", 49152, "fa4"), ("quota-0.2", 65536, "fa4"),
         ("quota-0.2", 131072, "fa4"),

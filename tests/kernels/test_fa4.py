@@ -125,6 +125,125 @@ def test_unsupported_reasons_name_the_limit():
     assert fa4.FA4_INSTALL_HINT.startswith('pip install "psa-vlm[fa4]"')
 
 
+# ---------------------------------------------------------------------------------------------- pooled launch engine
+def _pooled_case(dtype=torch.float16, D=64, seed=5):
+    """A small GQA call with pooled-only lists (the (4, 8) tail) and the reference of that list."""
+    torch.manual_seed(seed)
+    B, Hq, Hkv, Lq, Lk, bq, bk = 1, 4, 2, 200, 300, 128, 128
+    q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, dtype, device="cpu")
+    _, kv_idx, counts = random_lists(B, Hq, Lq, Lk, bq, bk, probs=(0.2, 0.2, 0.2, 0.2, 0.2), device="cpu")
+    kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=ALL_POOL)
+    widths = [cdiv(Lk, bk), Lk // bk, 0, 0]
+    tcounts, tidx = fa4.level_block_lists(kv_idx, counts, widths, tail_from=2)[4]
+    ref = sparse_attention_ref(q.float(), k.float(), v.float(), kp.float(), vp.float(), tidx, tcounts, block_q=bq,
+                               block_k=bk, factors=ALL_POOL)
+    return (q, k, v, kp.contiguous(), vp.contiguous(), tidx, tcounts), ref
+
+
+def _run_pooled(args):
+    q = args[0]
+    B, Hq, Lq, D = q.shape
+    out = torch.full((B, Lq, Hq, D), float("nan"), dtype=q.dtype).transpose(1, 2)
+    lse = torch.full((B, Hq, Lq), float("nan"))
+    fa4.pooled_launch(*args, out=out, lse=lse, block_q=128, block_k=128, factors=ALL_POOL, scale=D ** -0.5)
+    return out, lse
+
+
+def test_pooled_engine_is_triton_off_hopper(monkeypatch):
+    """On the CPU (and under the interpreter) the pooled launch is the Triton kernel's, whatever is asked."""
+    (q, k, v, kp, vp, tidx, tcounts), ref = _pooled_case()
+    assert fa4.pooled_engine(q, kp, vp, block_q=128, block_k=128, factors=ALL_POOL) == \
+        ("triton", "not a compute capability 9.x CUDA device")
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON": False})
+    assert fa4.pooled_engine(q, kp, vp, block_q=128, block_k=128, factors=ALL_POOL)[0] == "triton"
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON": True})
+    with pytest.raises(RuntimeError, match="cannot run"):
+        _run_pooled((q, k, v, kp, vp, tidx, tcounts))
+
+
+def test_pooled_gluon_needs_triton_3_6(monkeypatch):
+    monkeypatch.setattr(fa4.triton, "__version__", "3.5.1")
+    fa4._pooled_gluon_import_error.cache_clear()
+    try:
+        assert "3.5.1" in fa4._pooled_gluon_import_error()
+    finally:
+        monkeypatch.undo()
+        fa4._pooled_gluon_import_error.cache_clear()
+
+
+@pytest.fixture
+def pooled_as_on_hopper(monkeypatch):
+    """The pooled launch as on a Hopper GPU: only the hardware check is patched, no failure recorded yet; yields
+    the ``hopper`` module to patch."""
+    pytest.importorskip("triton.experimental.gluon")
+    if fa4._pooled_gluon_import_error() is not None:
+        pytest.skip(f"Gluon kernel unavailable here: {fa4._pooled_gluon_import_error()}")
+    from psa_vlm.kernels import gluon_support
+    from psa_vlm.kernels.attention import hopper
+
+    monkeypatch.setattr(fa4, "_POOLED_GLUON_FAILURE", None)
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {})
+    monkeypatch.setattr(gluon_support, "hopper_device", lambda t, interpret: True)
+    return hopper
+
+
+def test_pooled_unsupported_names_the_limit(pooled_as_on_hopper):
+    hopper = pooled_as_on_hopper
+    (q, k, v, kp, vp, tidx, tcounts), _ = _pooled_case()
+    kw = dict(block_q=128, block_k=128, factors=ALL_POOL)
+    assert hopper.pooled_unsupported(q, kp, vp, **kw) is None
+    assert fa4.pooled_engine(q, kp, vp, **kw) == ("gluon", None)
+    assert "dtype" in hopper.pooled_unsupported(q.float(), kp, vp, **kw)
+    assert "head_dim 80" in hopper.pooled_unsupported(torch.zeros(1, 4, 200, 80, dtype=q.dtype), kp, vp, **kw)
+    assert "block_q 64" in hopper.pooled_unsupported(q, kp, vp, block_q=64, block_k=128, factors=ALL_POOL)
+    assert "block_k 32" in hopper.pooled_unsupported(q, kp, vp, block_q=128, block_k=32, factors=ALL_POOL)
+    assert "block_k 512" in hopper.pooled_unsupported(q, kp, vp, block_q=128, block_k=512, factors=ALL_POOL)
+    assert "non-contiguous" in hopper.pooled_unsupported(q, kp.transpose(1, 2), vp, **kw)
+
+
+@pytest.mark.parametrize("error", ["compile", "host"])
+def test_pooled_gluon_failure_falls_back(monkeypatch, pooled_as_on_hopper, caplog, error):
+    """A Triton whose Gluon API no longer fits: logged once, the Triton kernel writes the outputs from then on."""
+    from triton.errors import TritonError
+
+    hopper = pooled_as_on_hopper
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if error == "compile":
+            raise TritonError("gluon API changed")
+        raise TypeError("gluon API changed: unexpected keyword")
+
+    monkeypatch.setattr(hopper, "pooled_launch", broken)
+    args, ref = _pooled_case()
+    with caplog.at_level("WARNING", logger=fa4.__name__):
+        out, lse = _run_pooled(args)
+    assert calls == [1] and "gluon API changed" in fa4._POOLED_GLUON_FAILURE
+    assert any("did not compile" in r.getMessage() for r in caplog.records)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+    _run_pooled(args)
+    assert calls == [1], "a failed Gluon kernel is not compiled again"
+    monkeypatch.setattr(fa4, "_POOLED_GLUON_FAILURE", None)
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON": True})
+    with pytest.raises((TritonError, TypeError)):  # asked for explicitly: the error, not a fallback
+        _run_pooled(args)
+
+
+def test_pooled_gluon_device_errors_propagate(monkeypatch, pooled_as_on_hopper):
+    hopper = pooled_as_on_hopper
+    args, _ = _pooled_case()
+    for exc in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("Triton Error [CUDA]: an illegal address")):
+        def launch(*a, _exc=exc, **kw):
+            raise _exc
+
+        monkeypatch.setattr(hopper, "pooled_launch", launch)
+        with pytest.raises(type(exc)):
+            _run_pooled(args)
+        assert fa4._POOLED_GLUON_FAILURE is None
+
+
 # ---------------------------------------------------------------------------------------------- GPU tier
 def _need_fa4():
     if not torch.cuda.is_available() or not fa4.fa4_available():
@@ -134,10 +253,14 @@ def _need_fa4():
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,Lq,D", [(4096, 4096, 128), (5000, 5000, 128), (6000, 2500, 128), (3000, 3000, 64)])
 @pytest.mark.parametrize("video_like", [False, True])
-@pytest.mark.parametrize("triton_pooled", [(), (4, 8)])
-def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, monkeypatch):
+@pytest.mark.parametrize("triton_pooled,engine", [((), None), ((4, 8), "gluon"), ((4, 8), "triton")])
+def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, engine, monkeypatch):
+    """``engine``: the pooled launch's kernel (``fa4.pooled_launch``; the Gluon one needs Hopper and Triton >= 3.6)."""
     _need_fa4()
     monkeypatch.setattr(fa4, "TRITON_POOLED_FACTORS", triton_pooled)
+    if engine == "gluon" and fa4._pooled_gluon_import_error() is not None:
+        pytest.skip(f"Gluon pooled kernel unavailable: {fa4._pooled_gluon_import_error()}")
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON": engine == "gluon"} if engine else {})
     from psa_vlm.bench.synthetic import video_like_qkv
 
     torch.manual_seed(L + Lq + D)
@@ -156,6 +279,65 @@ def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, 
     assert not torch.isnan(got).any()
     err = float((got.float() - ref).norm() / ref.norm())
     assert err <= 1e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,Lq,Lk,D,dtype,factors,tail",
+    [
+        (1, 4, 1, 1000, 1000, 128, torch.bfloat16, ALL_POOL, (4, 8)),  # irregular L, MQA, NaN in unread rows
+        (2, 6, 2, 700, 2100, 128, torch.float16, ALL_POOL, (2, 4, 8)),  # batch 2, Lq < Lk, every pooled level
+        (1, 7, 1, 3000, 3000, 64, torch.bfloat16, ALL_POOL, (4, 8)),  # head_dim 64
+        (1, 4, 2, 1500, 2600, 128, torch.bfloat16, (2, 8), (8,)),  # a factor subset: 16-row runs, one level
+        (1, 4, 4, 1300, 1300, 128, torch.bfloat16, (2, 4), (2, 4)),  # 32-row runs
+        (1, 2, 1, 100, 5000, 128, torch.bfloat16, ALL_POOL, (4, 8)),  # one query block, a long list
+    ],
+)
+def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype, factors, tail):
+    """The Gluon pooled kernel (``hopper.py``) on pooled-only lists against the float32 reference, outputs and
+    log-sum-exps NaN-poisoned first; its log-sum-exp against the Triton kernel's. In the first case the factor-2
+    rows, which a (4, 8) list never reads, hold NaN: it must not leak (unlisted runs load zeros)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon pooled kernel needs a Hopper GPU")
+    if fa4._pooled_gluon_import_error() is not None:
+        pytest.skip(f"Gluon pooled kernel unavailable: {fa4._pooled_gluon_import_error()}")
+    from psa_vlm.kernels.assign.naive import build_block_lists
+    from psa_vlm.kernels.attention import hopper
+    from psa_vlm.kernels.geometry import FACTOR_ORDER
+
+    torch.manual_seed(Lq + Lk + D)
+    bq = bk = 128
+    q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, dtype, device="cuda")
+    nq, nk = cdiv(Lq, bq), cdiv(Lk, bk)
+    choice = torch.multinomial(torch.tensor([0.3, 0.1, 0.2, 0.2, 0.2]), B * Hq * nq * nk, replacement=True)
+    f = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)[choice].reshape(B, Hq, nq, nk)
+    f = torch.where(torch.isin(f, torch.tensor([0, 1] + list(factors), dtype=f.dtype)), f, torch.ones_like(f))
+    _, kv_idx, counts = build_block_lists(f.cuda(), lq=Lq, lk=Lk, block_q=bq, block_k=bk)
+    kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=factors)
+    kp, vp = kp.contiguous(), vp.contiguous()
+    nkf = Lk // bk
+    widths = [nk] + [nkf if (p in factors and p not in tail) else 0 for p in FACTOR_ORDER[1:]]
+    tcounts, tidx = fa4.level_block_lists(kv_idx, counts, widths, tail_from=FACTOR_ORDER.index(tail[0]))[4]
+    assert int(tcounts[..., 1:].sum()) > 0
+    ref = sparse_attention_ref(q.float(), k.float(), v.float(), kp.float(), vp.float(), tidx, tcounts, block_q=bq,
+                               block_k=bk, factors=factors)
+    if tail == (4, 8) and 2 in factors:
+        vp[:, :, : nkf * (bk // 2)] = float("nan")
+    scale = D ** -0.5
+    outs = {}
+    for name, launch in (("gluon", hopper.pooled_launch), ("triton", fa4.triton_pooled_launch)):
+        out = torch.full((B, Lq, Hq, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)
+        lse = torch.full((B, Hq, Lq), float("nan"), device="cuda")
+        launch(q, k, v, kp, vp, tidx, tcounts, out=out, lse=lse, block_q=bq, block_k=bk, factors=factors, scale=scale)
+        outs[name] = (out, lse)
+    out, lse = outs["gluon"]
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten (NaN-poisoned) or leaked NaN"
+    err = float((out.float() - ref).norm() / ref.norm())
+    assert err <= 1e-2, err
+    t_lse = outs["triton"][1]
+    assert torch.equal(torch.isinf(lse), torch.isinf(t_lse))
+    fin = torch.isfinite(t_lse)
+    assert float((lse[fin] - t_lse[fin]).abs().max()) <= 1e-3
 
 
 @pytest.mark.gpu

@@ -11,11 +11,15 @@ its partial output ``O_p`` and log-sum-exp ``lse_p`` (natural log, over ``scale 
 - factor ``p``: queries against the pooled level ``K^p``/``V^p`` of the pyramid (non-causal: pooled blocks lie
   wholly in the past of their query block), sparse blocks ``(bq, bk / p)``.
 
-By default (``TRITON_POOLED_FACTORS = (4, 8)``) the 4x- and 8x-pooled levels instead run together in one launch of
-psa_vlm's Triton kernel, whose pooled stream packs several pooled blocks into one 128-row tile (FlashAttention-4
-shrinks its KV tile to ``bk / p`` = 32 and 16 rows there); that launch writes its own log-sum-exp, which already
-holds the ``+ ln p`` of its pooled logits. Measured on an H200 it made the attend stage 0-8% faster
-(``NOTES_fa4.md``).
+By default (``TRITON_POOLED_FACTORS = (4, 8)``) the 4x- and 8x-pooled levels instead run together in one launch
+that packs several pooled blocks into one 128-row tile (FlashAttention-4 shrinks its KV tile to ``bk / p`` = 32
+and 16 rows there): ``pooled_launch``, the Gluon kernel of ``hopper.py`` on Hopper (compute capability 9.x,
+Triton >= 3.6; 11-12% faster than the Triton kernel's pooled stream, bitwise equal outputs), the Triton kernel's
+pooled stream elsewhere or where the Gluon kernel cannot run the call (``hopper.pooled_unsupported``, logged once
+per reason) or failed to compile with this Triton (logged once; the Triton kernel for the rest of the process).
+That launch writes its own log-sum-exp, which already holds the ``+ ln p`` of its pooled logits. Measured on an
+H200 the packed launch made the attend stage 0-8% faster than one FlashAttention-4 launch per level, and the
+Gluon kernel another 2-5% (``NOTES_fa4.md`` v2, v6).
 
 The merge then weights each partial by ``exp(lse_p + ln p - LSE)`` with ``LSE = logsumexp_p(lse_p + ln p)``.
 Adding ``ln p`` to a level's log-sum-exp is the same as adding ``ln p`` to every pooled logit (PSA's bias), so no
@@ -45,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import gluon_support
 from ..geometry import FACTOR_ORDER, cdiv, level_offsets
 from .kernel import _interpreting
 
@@ -60,6 +65,9 @@ __all__ = [
     "merge_levels",
     "attend_by_levels",
     "TRITON_POOLED_FACTORS",
+    "POOLED_OVERRIDES",
+    "pooled_engine",
+    "pooled_launch",
     "triton_pooled_launch",
     "sparse_attention",
     "dense_attention",
@@ -642,7 +650,7 @@ def sparse_attention(
     return attend_by_levels(
         q, k, v, k_pooled, v_pooled, kv_idx, counts, block_q=block_q, block_k=block_k, factors=factors,
         scale=float(scale), out=out, launch=flash_attn_level, merge=merge_levels,
-        pooled_launch=functools.partial(triton_pooled_launch, block_q=block_q, block_k=block_k, factors=factors,
+        pooled_launch=functools.partial(pooled_launch, block_q=block_q, block_k=block_k, factors=factors,
                                         scale=float(scale)),
         pooled_factors=TRITON_POOLED_FACTORS,
     )
@@ -652,6 +660,90 @@ def sparse_attention(
 #: 128-row tile) instead of one FlashAttention-4 launch each (whose KV tile shrinks to ``bk / p`` rows); ``()``
 #: runs every factor on FlashAttention-4. Chosen by measurement (``NOTES_fa4.md``).
 TRITON_POOLED_FACTORS: Tuple[int, ...] = (4, 8)
+
+
+#: Overrides of ``pooled_launch``'s engine for benchmarks and tests, empty by default: ``GLUON`` (the Gluon kernel
+#: on / off; ``True`` raises where it cannot run instead of falling back), ``GLUON_TILES`` (a dict over
+#: ``hopper.TILES``).
+POOLED_OVERRIDES: dict = {}
+#: Why the pooled Gluon kernel failed to compile in this process (then the Triton kernel runs); ``None`` until then.
+_POOLED_GLUON_FAILURE: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _pooled_gluon_import_error() -> Optional[str]:
+    """``None`` when ``hopper.py`` imports with this Triton (>= ``gluon_support.GLUON_MIN_TRITON``), else why."""
+    reason = gluon_support.triton_version_error()
+    if reason is None:
+        try:
+            from . import hopper  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any failure to import means: use the Triton kernel
+            reason = f"{type(exc).__name__}: {exc}"
+    return reason
+
+
+def pooled_engine(q: torch.Tensor, k_pooled: torch.Tensor, v_pooled: torch.Tensor, *, block_q: int, block_k: int,
+                  factors: Sequence[int]) -> Tuple[str, Optional[str]]:
+    """Which kernel ``pooled_launch`` runs for this call: ``("gluon", None)`` or ``("triton", reason)``.
+
+    The Gluon kernel needs a compute capability 9.x CUDA device outside the interpreter, Triton >= 3.6 with its
+    Gluon API (``hopper.py`` imports and compiled in this process), and a call it supports
+    (``hopper.pooled_unsupported``: float16 / bfloat16, head_dim 64 / 128, ``bq`` a multiple of 128, runs of >= 8
+    pyramid rows, a contiguous pyramid). ``POOLED_OVERRIDES["GLUON"] = False`` always picks the Triton kernel.
+    """
+    if POOLED_OVERRIDES.get("GLUON", True) is False:
+        return "triton", "disabled by POOLED_OVERRIDES"
+    if not gluon_support.hopper_device(q, _interpreting()):
+        return "triton", "not a compute capability 9.x CUDA device"
+    reason = _pooled_gluon_import_error()
+    if reason is None and _POOLED_GLUON_FAILURE is not None:
+        reason = f"failed to compile earlier in this process ({_POOLED_GLUON_FAILURE})"
+    if reason is None:
+        from . import hopper
+
+        reason = hopper.pooled_unsupported(q, k_pooled, v_pooled, block_q=block_q, block_k=block_k, factors=factors)
+    return ("gluon", None) if reason is None else ("triton", reason)
+
+
+def pooled_launch(
+    q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int,
+    factors: Sequence[int], scale: float,
+) -> None:
+    """The launch of the pooled factors (``attend_by_levels``' ``pooled_launch``) on the engine ``pooled_engine``
+    picks: same arguments and outputs as ``triton_pooled_launch``; the Gluon kernel's outputs equal the Triton
+    kernel's (checked on the H200 to the bit). A compile failure of the Gluon kernel (another Triton's Gluon API)
+    logs once and runs the Triton kernel for the rest of the process; device errors propagate.
+
+    Raises:
+        RuntimeError: ``POOLED_OVERRIDES["GLUON"] is True`` and the Gluon kernel cannot run the call.
+    """
+    global _POOLED_GLUON_FAILURE
+    engine, reason = pooled_engine(q, k_pooled, v_pooled, block_q=block_q, block_k=block_k, factors=factors)
+    if engine == "gluon":
+        from . import hopper
+
+        tiles = dict(hopper.TILES, **POOLED_OVERRIDES.get("GLUON_TILES", {}))
+        try:
+            hopper.pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, out=out, lse=lse, block_q=block_q,
+                                 block_k=block_k, factors=factors, scale=scale, tiles=tiles)
+            return
+        except gluon_support.GLUON_API_ERRORS as exc:
+            if POOLED_OVERRIDES.get("GLUON") is True or gluon_support.device_error(exc):
+                raise
+            # nothing was launched: ``out`` / ``lse`` are untouched, the Triton kernel writes them
+            _POOLED_GLUON_FAILURE = f"{type(exc).__name__}: {str(exc)[-500:]}"
+            logger.warning("PSA pooled launch: the Gluon kernel did not compile with Triton %s (%s); the Triton "
+                           "kernel runs instead for the rest of this process", triton.__version__,
+                           _POOLED_GLUON_FAILURE)
+    elif POOLED_OVERRIDES.get("GLUON") is True:
+        raise RuntimeError(f"POOLED_OVERRIDES['GLUON'] is True but the Gluon pooled kernel cannot run: {reason}")
+    elif q.is_cuda and reason != "not a compute capability 9.x CUDA device":
+        key = "pooled:" + str(reason).split(" (")[0]
+        if key not in _warned:  # a speed note, not a problem: once per reason
+            _warned.add(key)
+            logger.info("PSA pooled launch: the Triton kernel runs instead of the Gluon kernel: %s", reason)
+    triton_pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, out=out, lse=lse, block_q=block_q,
+                         block_k=block_k, factors=factors, scale=scale)
 
 
 def triton_pooled_launch(

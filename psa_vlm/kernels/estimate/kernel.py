@@ -73,8 +73,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.errors import TritonError
 
+from .. import gluon_support
 from ..geometry import cdiv
 
 __all__ = ["block_importance"]
@@ -679,10 +679,8 @@ def _gemm_bkd(cfg_bkd: int, D: int, interpret: bool) -> int:
     return bkd if D % bkd == 0 else cfg_bkd
 
 
-#: Triton versions whose Gluon API the Hopper kernel was compiled with (3.6 on the H200, 3.8 compiled for sm_90
-#: locally); older versions use the Triton GEMM form. A newer version whose API no longer fits falls back at its
-#: first compile (``_gluon_failed``).
-_GLUON_MIN_TRITON = (3, 6)
+# Triton versions below ``gluon_support.GLUON_MIN_TRITON`` use the Triton GEMM form; a newer version whose Gluon
+# API no longer fits falls back at its first compile (``_gluon_failed``).
 #: Why the Gluon kernel failed to compile in this process (then the Triton GEMM form runs); ``None`` until then.
 _GLUON_FAILURE: Optional[str] = None
 
@@ -705,17 +703,15 @@ def _gluon_engine(q: torch.Tensor, interpret: bool, overrides: dict) -> bool:
 
 
 def _gluon_hardware(q: torch.Tensor, interpret: bool) -> bool:
-    """A CUDA tensor on a compute capability 9.x device, outside the interpreter (wgmma is Hopper's)."""
-    return not interpret and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+    """A CUDA tensor on a compute capability 9.x device, outside the interpreter (``gluon_support``)."""
+    return gluon_support.hopper_device(q, interpret)
 
 
 @functools.lru_cache(maxsize=None)
 def _gluon_import_error() -> Optional[str]:
     """``None`` when the Gluon kernel can be used with this Triton, else the reason (logged once)."""
-    version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
-    if version < _GLUON_MIN_TRITON:
-        reason = f"Triton {triton.__version__} < {'.'.join(map(str, _GLUON_MIN_TRITON))}"
-    else:
+    reason = gluon_support.triton_version_error()
+    if reason is None:
         try:
             from . import hopper  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - any failure to import means: use the Triton GEMM form
@@ -727,10 +723,8 @@ def _gluon_import_error() -> Optional[str]:
 
 
 def _device_error(exc: BaseException) -> bool:
-    """Out of memory or a CUDA error (torch's, or Triton's launcher's "Triton Error [CUDA]")."""
-    if isinstance(exc, (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))):
-        return True
-    return isinstance(exc, RuntimeError) and "CUDA" in str(exc)
+    """Out of memory or a CUDA error (``gluon_support.device_error``)."""
+    return gluon_support.device_error(exc)
 
 
 def _gluon_failed(exc: Exception) -> None:
@@ -766,11 +760,9 @@ def _launch_gemm(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, s: int, RB
                           qk_scale=scale / s * _LOG2E, programs=programs, pitch=pitch, scratch=scratch,
                           fp16=q.dtype == torch.float16, tiles=tiles)
             ran = True
-        except (TritonError, RuntimeError, TypeError, AttributeError, AssertionError) as exc:
-            # what another Triton's Gluon API raises before anything runs: its front end, MLIR passes or ptxas
-            # (TritonError, RuntimeError), or the host-side descriptors and layouts (TypeError, AttributeError,
-            # AssertionError). Errors of the device itself (out of memory, a CUDA error surfacing at the launch)
-            # are not an API mismatch and propagate.
+        except gluon_support.GLUON_API_ERRORS as exc:
+            # what another Triton's Gluon API raises before anything runs; errors of the device itself (out of
+            # memory, a CUDA error surfacing at the launch) are not an API mismatch and propagate
             if _OVERRIDES.get("GLUON") is True or _device_error(exc):
                 raise
             _gluon_failed(exc)  # nothing was launched: ``out`` is untouched, the Triton GEMM form writes it

@@ -1,0 +1,357 @@
+"""The pooled stream of the attend stage (PSA_SPEC step 7, factors 2 / 4 / 8) as a Gluon kernel for Hopper.
+
+Same contract as the Triton kernel's pooled stream (``kernel._psa_fwd_kernel`` part 2, run by
+``fa4.triton_pooled_launch`` on a list of pooled factors alone): every query tile of ``BM`` rows streams the
+pyramid rows of its listed pooled blocks (factor 2 rows, then 4, then 8), ``BN`` rows per tile, each column
+with ``+ log2 p`` in the exp2 domain (``+ ln p`` on the natural-log logit), and writes its output and its
+natural-log log-sum-exp for the level merge (``fa4.merge_levels``). Pooled blocks are complete and entirely in
+the past of their query block (``build_block_lists`` lists only poolable blocks), so no causal mask applies.
+
+What differs from the Triton kernel (it ran 11-12% faster on an H200 at 64k and 128k tokens, same run, bitwise
+equal outputs; ``NOTES_fa4.md`` v6):
+- warp specialisation: one loader warp (``_ws_producer``) reads each tile's list entries and issues its copies;
+  the program's 8 warps (``_ws_consumer``, two warpgroups of 64 query rows) only wait, multiply and run the
+  softmax. K and V have mbarrier rings of their own (``NSK`` / ``NSV`` slots), released by the MMA warps once
+  the MMAs that read a slot are done;
+- the gather: each tile's ``BN`` pyramid rows are ``BN / CH`` runs of ``CH = bk / max(p)`` consecutive rows
+  (a run never crosses a list entry), each one TMA copy into its row slice of the shared-memory tile; runs past
+  the stream's end are copied from past the end of the tensor, which TMA fills with zeros (a NaN anywhere in an
+  unlisted row stays hidden, as in the Triton kernel's masked loads);
+- ``P`` stays in registers as the A operand of the ``P V`` wgmma.
+The logits of tile ``t + 1`` are issued before the softmax of tile ``t`` in program order (FlashAttention-3's
+intra-warpgroup overlap, Shah et al. 2024, section 3.2), but with 240 registers per MMA thread ptxas schedules
+the softmax first (seen in the SASS), so the two run back to back; 64-row key tiles (where ptxas does overlap
+them) and two free-running warpgroups were measured slower (``NOTES_fa4.md`` v6).
+
+Limits (``pooled_unsupported`` says which, the caller then runs the Triton kernel): compute capability 9.x,
+Triton >= 3.6 with Gluon, float16 / bfloat16, head_dim 64 or 128, ``bq`` a multiple of 128, ``bk / max(p)`` >= 8,
+the pyramid ``[B, Hkv, R, D]`` contiguous. A factor-1 entry in the list, or a factor missing from the pyramid,
+fills the query block's rows with NaN (the caller passes pooled factors only; nothing is checked on the host,
+which would synchronise). Not runnable under ``TRITON_INTERPRET=1``: the GPU tier checks it against the
+reference. Nothing here is imported by ``import psa_vlm``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
+
+from ..geometry import cdiv, level_offsets
+
+# the CTA-wide barrier: ``thread_barrier`` in Triton 3.6, ``barrier`` from 3.7 on
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+_LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _tile_rows(idx_base, stride_ie, t, c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8,
+               BN: gl.constexpr, CH: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr,
+               NCH: gl.constexpr, layout: gl.constexpr):
+    """``[NCH]`` first tensor row (of the 2-D ``[B * Hkv * R, D]`` pyramid) of each ``CH``-row run of stream
+    tile ``t``; ``oob_row`` (past the tensor: TMA fills zeros) for runs past the stream's end."""
+    vr = t * BN + gl.arange(0, NCH, layout=layout) * CH  # stream row of each run
+    ok = vr < n_rows
+    in2 = vr < r2
+    in4 = vr < e4
+    pos = gl.where(in2, c1 + vr // RP2, gl.where(in4, c1 + c2 + (vr - r2) // RP4, c1 + c2 + c4 + (vr - e4) // RP8))
+    blk = gl.load(idx_base + pos.to(gl.int64) * stride_ie, mask=ok, other=0)
+    prow = gl.where(in2, off2 + blk * RP2 + vr % RP2,
+                    gl.where(in4, off4 + blk * RP4 + (vr - r2) % RP4, off8 + blk * RP8 + (vr - e4) % RP8))
+    return gl.where(ok, kv_row0 + prow, oob_row)
+
+
+@gluon.jit
+def _issue(desc, tile, bar, rows, pred, CH: gl.constexpr, NCH: gl.constexpr, layout: gl.constexpr):
+    """TMA copies of one tile's ``NCH`` runs into their row slices of ``tile``, completing on ``bar``."""
+    mbarrier.expect(bar, NCH * desc.block_type.nbytes, pred=pred)
+    ci = gl.arange(0, NCH, layout=layout)
+    for c in gl.static_range(NCH):
+        r = gl.sum(gl.where(ci == c, rows, 0), axis=0)  # every thread holds the whole vector: no exchange
+        tma.async_copy_global_to_shared(desc, [r, 0], bar, tile.slice(c * CH, CH, dim=0), pred=pred)
+
+
+@gluon.jit
+def _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN: gl.constexpr, cols_l: gl.constexpr):
+    """Online-softmax statistics of logit tile ``t`` (exp2 domain, ``+ log2 p`` per column, ``-inf`` past the
+    stream's end): ``(p, alpha, m_new, l_new)``."""
+    vr = t * BN + gl.arange(0, BN, layout=cols_l)
+    bias = gl.where(vr < r2, 1.0, gl.where(vr < e4, 2.0, 3.0))
+    bias = gl.where(vr < n_rows, bias, float("-inf"))
+    x = s * qk_scale + gl.expand_dims(bias, 0)
+    m_new = gl.maximum(m_i, gl.max(x, axis=1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(x - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2, c4,
+                 r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN: gl.constexpr, CH: gl.constexpr,
+                 RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr, NCH: gl.constexpr, NSK: gl.constexpr,
+                 NSV: gl.constexpr):
+    """Loader warp: the list entries and the K / V runs of every tile into the rings (``NSK`` / ``NSV`` slots)."""
+    rep_l: gl.constexpr = gl.BlockedLayout([NCH], [32], [1], [0])
+    for t in range(0, n_tiles):
+        rows = _tile_rows(idx_base, stride_ie, t, c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8,
+                          BN, CH, RP2, RP4, RP8, NCH, rep_l)
+        sk = t % NSK
+        mbarrier.wait(empty_k.index(sk), ((t // NSK) & 1) ^ 1)  # the first round passes: the slots start empty
+        _issue(k_desc, k_smem.index(sk), full_k.index(sk), rows, True, CH, NCH, rep_l)
+        sv = t % NSV
+        mbarrier.wait(empty_v.index(sv), ((t // NSV) & 1) ^ 1)
+        _issue(v_desc, v_smem.index(sv), full_v.index(sv), rows, True, CH, NCH, rep_l)
+
+
+@gluon.jit
+def _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale, r2, e4, n_rows,
+                 BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSK: gl.constexpr, NSV: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """MMA warps: logits of tile ``t + 1`` issued, softmax of tile ``t``, its ``P V`` product, both waited for,
+    then the K slot of tile ``t + 1`` and the V slot of tile ``t`` released to the loader (after a barrier of the
+    partition: both warpgroups are done with them). Returns ``(acc, m_i, l_i)`` (exp2-domain statistics)."""
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BN, 16])
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, D, 16])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+    rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    rows_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+    cols_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    m_i = gl.full([BM], float("-inf"), gl.float32, rows_s)
+    l_i = gl.zeros([BM], gl.float32, rows_s)
+    acc = gl.zeros([BM, D], gl.float32, mma_o)
+    zero_s = gl.zeros([BM, BN], gl.float32, mma_s)
+    if n_tiles > 0:
+        mbarrier.wait(full_k.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        _cta_barrier()  # both warpgroups are done with the slot
+        mbarrier.arrive(empty_k.index(0))
+        for t in range(0, n_tiles - 1):
+            sv = t % NSV
+            sk1 = (t + 1) % NSK
+            mbarrier.wait(full_k.index(sk1), ((t + 1) // NSK) & 1)
+            s_nx = warpgroup_mma(q_smem, k_smem.index(sk1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            p, alpha, m_i, l_i = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
+            mbarrier.wait(full_v.index(sv), (t // NSV) & 1)
+            acc = warpgroup_mma(pa, v_smem.index(sv), acc, is_async=True)
+            s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_nx, acc))
+            _cta_barrier()
+            mbarrier.arrive(empty_k.index(sk1))
+            mbarrier.arrive(empty_v.index(sv))
+        t = n_tiles - 1
+        p, alpha, m_i, l_i = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
+        mbarrier.wait(full_v.index(t % NSV), (t // NSV) & 1)
+        acc = warpgroup_mma(pa, v_smem.index(t % NSV), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, n_bad, o_base, stride_om, l_base, row0, Lq, ROWS: gl.constexpr, D: gl.constexpr,
+              HAS_LSE: gl.constexpr, num_warps: gl.constexpr):
+    """Rows ``row0 ..`` of the output and their log-sum-exp. Rows that saw no key give zeros, a NaN/inf the row
+    attended to stays visible, rows of a list this kernel cannot run (factor-1 entries, a factor missing from the
+    pyramid) give NaN."""
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, D, 16])
+    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
+    offs_m = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_l))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, io_l))
+    row_ok = offs_m < Lq
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, mma_o))
+    l_safe = gl.where(l_o == 0.0, 1.0, l_o)
+    o = acc / gl.expand_dims(l_safe, 1)
+    o = gl.where(gl.expand_dims(l_o == 0.0, 1), 0.0, o)
+    o = gl.where(n_bad > 0, float("nan"), o)
+    o = gl.convert_layout(o.to(o_base.dtype.element_ty), io_l)
+    gl.store(o_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(offs_d, 0), o,
+             mask=gl.expand_dims(row_ok, 1))
+    if HAS_LSE:  # natural-log log-sum-exp (pooled logits with their + ln p); -inf for a row that saw no key
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_i)) * 0.6931471805599453)
+        lse = gl.convert_layout(lse, gl.SliceLayout(1, io_l))
+        gl.store(l_base + offs_m, lse, mask=row_ok)
+
+
+#: Length-derived integer arguments: not specialised, so a new prompt length does not compile again.
+_LENGTH_ARGS = ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch", "stride_cq", "stride_lb",
+                "stride_lh", "R", "Lq", "n_tiles_q", "oob_row", "off2", "off4", "off8")
+
+
+@gluon.jit(do_not_specialize=_LENGTH_ARGS)
+def _pooled_gluon_kernel(
+    q_ptr, k_desc, v_desc, idx_ptr, cnt_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_ie,
+    stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+    Hq, G, Hkv, R, Lq, n_tiles_q, oob_row, qk_scale, off2, off4, off8,
+    D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_KV: gl.constexpr,
+    CH: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
+    NSK: gl.constexpr, NSV: gl.constexpr, PRODUCER_REGS: gl.constexpr, Q_LAYOUT: gl.constexpr,
+    KV_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+):
+    """One program per (batch x query head, query tile), heaviest query tiles first (the Triton kernel's grid):
+    the query tile into shared memory, then ``_ws_consumer`` (the program's warps) and ``_ws_producer`` (one
+    extra warp) on mbarrier rings, then the epilogue."""
+    NCH: gl.constexpr = BN // CH
+    RP2: gl.constexpr = BLOCK_KV // 2
+    RP4: gl.constexpr = BLOCK_KV // 4
+    RP8: gl.constexpr = BLOCK_KV // 8
+    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
+
+    pid_bh = gl.program_id(0)
+    tile_m = n_tiles_q - 1 - gl.program_id(1)  # heaviest (last) query tiles first
+    i = tile_m // (BLOCK_Q // BM)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+    idx_base = idx_ptr + b64 * stride_ib + h64 * stride_ih + i.to(gl.int64) * stride_iq
+    cnt_base = cnt_ptr + b64 * stride_cb + h64 * stride_ch + i.to(gl.int64) * stride_cq
+    c1 = gl.load(cnt_base)
+    c2 = gl.load(cnt_base + stride_cc)
+    c4 = gl.load(cnt_base + 2 * stride_cc)
+    c8 = gl.load(cnt_base + 3 * stride_cc)
+    n_bad = c1  # this kernel streams pooled entries only
+    r2 = c2 * RP2
+    r4 = c4 * RP4
+    r8 = c8 * RP8
+    if not HAS_P2:
+        n_bad += c2
+        r2 = r2 * 0
+    if not HAS_P4:
+        n_bad += c4
+        r4 = r4 * 0
+    if not HAS_P8:
+        n_bad += c8
+        r8 = r8 * 0
+    e4 = r2 + r4
+    n_rows = e4 + r8
+    n_tiles = gl.cdiv(n_rows, BN)
+    kv_row0 = (b * Hkv + h // G) * R
+
+    q_smem = gl.allocate_shared_memory(k_desc.dtype, [BM, D], Q_LAYOUT)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NSK, BN, D], KV_LAYOUT)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NSV, BN, D], KV_LAYOUT)
+    full_k = gl.allocate_shared_memory(gl.int64, [NSK, 1], mbarrier.MBarrierLayout())
+    full_v = gl.allocate_shared_memory(gl.int64, [NSV, 1], mbarrier.MBarrierLayout())
+    empty_k = gl.allocate_shared_memory(gl.int64, [NSK, 1], mbarrier.MBarrierLayout())
+    empty_v = gl.allocate_shared_memory(gl.int64, [NSV, 1], mbarrier.MBarrierLayout())
+    for si in gl.static_range(NSK):
+        mbarrier.init(full_k.index(si), count=1)
+        mbarrier.init(empty_k.index(si), count=1)
+    for si in gl.static_range(NSV):
+        mbarrier.init(full_v.index(si), count=1)
+        mbarrier.init(empty_v.index(si), count=1)
+
+    offs_m = tile_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, io_l))
+    q = gl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + gl.expand_dims(offs_m.to(gl.int64) * stride_qm, 1)
+                + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(offs_m < Lq, 1), other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+    _cta_barrier()
+
+    acc, m_i, l_i = gl.warp_specialize(
+        [(_ws_consumer, (q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale, r2, e4, n_rows,
+                         BM, BN, D, NSK, NSV, num_warps)),
+         (_ws_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1,
+                         c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN, CH, RP2, RP4, RP8,
+                         NCH, NSK, NSV))],
+        [1], [PRODUCER_REGS])
+    _epilogue(acc, m_i, l_i, n_bad, out_ptr + b64 * stride_ob + h64 * stride_oh, stride_om,
+              lse_ptr + b64 * stride_lb + h64 * stride_lh, tile_m * BM, Lq, BM, D, HAS_LSE, num_warps)
+
+
+#: Tiles (H200, ``NOTES_fa4.md`` v6): 128 query rows x 128 pyramid rows, 8 MMA warps (two warpgroups of 64 rows)
+#: plus the loader warp (88 registers: fewer spill its entry vectors), K and V double-buffered (3 slots: no gain).
+TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8)
+
+
+@functools.lru_cache(maxsize=None)
+def _nvmma_layout(block: tuple, fp16: bool):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.float16 if fp16 else gl.bfloat16)
+
+
+def pooled_unsupported(q: torch.Tensor, k_pooled: torch.Tensor, v_pooled: torch.Tensor, *, block_q: int, block_k: int,
+                       factors) -> str | None:
+    """Why this kernel cannot run a call (``None`` if it can); hardware and Triton version are the caller's."""
+    D = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (float16 / bfloat16 only)"
+    if D not in (64, 128):
+        return f"head_dim {D} (64 or 128 only)"
+    if block_q % TILES["BM"]:
+        return f"block_q {block_q} (a multiple of {TILES['BM']} only)"
+    pooled = [int(p) for p in factors if int(p) != 1]
+    if not pooled or block_k // max(pooled) < 8 or block_k // 2 > TILES["BN"]:
+        return f"block_k {block_k} with factors {tuple(factors)} (runs of >= 8 pyramid rows, bk <= {2 * TILES['BN']})"
+    if not (k_pooled.is_contiguous() and v_pooled.is_contiguous()):
+        return "a non-contiguous pyramid"
+    return None
+
+
+def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q: int, block_k: int, factors,
+           scale: float, tiles: dict = TILES) -> None:
+    """Run the kernel (inputs checked by the caller, ``pooled_unsupported(...)`` is ``None``).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` float16 / bfloat16, last dimension contiguous (any other strides).
+        k_pooled, v_pooled: contiguous ``[B, Hkv, R, D]`` pyramid of ``factors`` (``pyramid_pool``).
+        kv_idx, counts: int32 ``[B, Hq, nq, nk]`` / ``[B, Hq, nq, 4]`` block list of pooled factors only
+            (``fa4.level_block_lists`` tail list: the factor-1 count is 0).
+        out: ``[B, Hq, Lq, D]`` (last dimension contiguous) receiving the pooled partial attention.
+        lse: float32 ``[B, Hq, Lq]`` (last dimension contiguous) receiving its natural-log log-sum-exp, or None.
+        Lk: key length (the pyramid holds ``Lk // block_k`` complete blocks per level).
+        factors: the pyramid's factors (ascending); a listed factor outside them gives NaN rows.
+        scale: softmax scale.
+    """
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, Hq, Lq, D = q.shape
+    Hkv, R = k_pooled.shape[1], k_pooled.shape[2]
+    BM, BN = tiles["BM"], tiles["BN"]
+    pooled = [int(p) for p in factors if int(p) != 1]
+    CH = block_k // max(pooled)
+    fp16 = q.dtype == torch.float16
+    layout = _nvmma_layout((BN, D), fp16)
+    kp2 = k_pooled.view(B * Hkv * R, D)
+    vp2 = v_pooled.view(B * Hkv * R, D)
+    k_desc = TensorDescriptor(kp2, list(kp2.shape), list(kp2.stride()), [CH, D], layout)
+    v_desc = TensorDescriptor(vp2, list(vp2.shape), list(vp2.stride()), [CH, D], layout)
+    rows = level_offsets(Lk // block_k, block_k, factors)
+    nq = cdiv(Lq, block_q)
+    n_tiles_q = nq * (block_q // BM)
+    lse_t, lse_strides = (lse, lse.stride()[:2]) if lse is not None else (out, (0, 0))
+    _pooled_gluon_kernel[(B * Hq, n_tiles_q)](
+        q, k_desc, v_desc, kv_idx, counts, out, lse_t,
+        q.stride(0), q.stride(1), q.stride(2), *kv_idx.stride(), *counts.stride(), out.stride(0), out.stride(1),
+        out.stride(2), lse_strides[0], lse_strides[1],
+        Hq, Hq // Hkv, Hkv, R, Lq, n_tiles_q, B * Hkv * R, float(scale) * _LOG2E,
+        rows.get(2, 0), rows.get(4, 0), rows.get(8, 0),
+        D=D, BM=BM, BN=BN, BLOCK_Q=block_q, BLOCK_KV=block_k, CH=CH, HAS_P2=2 in pooled, HAS_P4=4 in pooled,
+        HAS_P8=8 in pooled, HAS_LSE=lse is not None, NSK=tiles["NSK"], NSV=tiles["NSV"],
+        PRODUCER_REGS=tiles["PRODUCER_REGS"], Q_LAYOUT=_nvmma_layout((BM, D), fp16), KV_LAYOUT=layout,
+        num_warps=tiles["num_warps"])
+
+
+def pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int, factors,
+                  scale: float, tiles: dict = TILES) -> None:
+    """``fa4.attend_by_levels``'s ``pooled_launch`` contract on this kernel (``fa4.triton_pooled_launch``'s
+    signature): the list holds pooled factors only; ``k``/``v`` give the key length."""
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        q = q.contiguous()
+    launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, Lk=k.shape[2], block_q=block_q, block_k=block_k,
+           factors=factors, scale=scale, tiles=tiles)
