@@ -14,6 +14,8 @@ Developer script, outside the package. Run on a Hopper GPU from the repository r
    with factor 2 in the pooled launch), checked against the Triton attend stage in the same run; ideal = density x
    cuDNN dense. Earlier variants of the kernel (without the loader warp, 64-row key tiles, free-running
    warpgroups) and their numbers: ``psa_vlm/kernels/attention/NOTES_fa4.md`` v6.
+3. ``--new-lengths``: the first call of the kernel at each new prompt length against its second call (a new length
+   must not compile it again).
 Prints JSON lines and a verdict; writes ``$OUT/devcheck_gluon_pooled.json``. Exits 1 when a check fails.
 This is a command-line report: it writes to stdout by design.
 """
@@ -197,10 +199,40 @@ def timings(lengths, presets) -> list:
     return rows
 
 
+def new_lengths(lengths) -> list:
+    """First call of the pooled Gluon kernel at each new prompt length against its second call (ms): a length must
+    not compile the kernel again (its length-derived arguments are not specialised)."""
+    from psa_vlm import PSAConfig
+    from psa_vlm.api import run_psa
+    from psa_vlm.bench.synthetic import video_like_qkv
+
+    rows = []
+    cfg = PSAConfig.preset("quota-0.2")
+    for L in lengths:
+        q, k, v = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device="cuda", seed=L)
+        _, plan = run_psa(q, k, v, cfg, backend="triton", plan_only=True)
+        tcounts, tidx = tail_list(plan.kv_idx, plan.counts, L, cfg.block_k, plan.pool_factors, (4, 8))
+        times = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run_gluon(q, k, plan.k_pooled, plan.v_pooled, tidx, tcounts, cfg.block_q, cfg.block_k,
+                      plan.pool_factors, "default")
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        rows.append(dict(L=L, first_ms=times[0], second_ms=times[1]))
+        say(json.dumps(rows[-1]))
+        del q, k, v, plan
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="*", default=[65536, 131072])
     ap.add_argument("--presets", nargs="+", default=["quota-0.2"])
+    ap.add_argument("--new-lengths", type=int, nargs="*", default=[],
+                    help="after the timings: first against second call at these prompt lengths (ms)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     import triton
@@ -212,9 +244,12 @@ def main() -> int:
     say(f"checks {'PASS' if ok else 'FAIL'} ({time.time() - t0:.1f} s incl. compiles)")
     rows = timings(args.lengths, args.presets) if ok else []
     ok &= all(r.get("ok", False) for r in rows)
+    fresh = new_lengths(args.new_lengths) if ok else []
     if args.out:
+        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    commit=os.environ.get("PSA_VLM_COMMIT", "?"))
         with open(os.path.join(args.out, "devcheck_gluon_pooled.json"), "w") as fh:
-            json.dump(dict(ok=ok, rows=rows), fh, indent=1, default=str)
+            json.dump(dict(**meta, ok=ok, rows=rows, new_lengths=fresh), fh, indent=1, default=str)
     say("ALL CHECKS " + ("PASS" if ok else "FAIL"))
     return 0 if ok else 1
 

@@ -14,7 +14,7 @@ its partial output ``O_p`` and log-sum-exp ``lse_p`` (natural log, over ``scale 
 By default (``TRITON_POOLED_FACTORS = (4, 8)``) the 4x- and 8x-pooled levels instead run together in one launch
 that packs several pooled blocks into one 128-row tile (FlashAttention-4 shrinks its KV tile to ``bk / p`` = 32
 and 16 rows there): ``pooled_launch``, the Gluon kernel of ``hopper.py`` on Hopper (compute capability 9.x,
-Triton >= 3.6; 11-12% faster than the Triton kernel's pooled stream, bitwise equal outputs), the Triton kernel's
+Triton >= 3.6; 10-12% faster than the Triton kernel's pooled stream, bitwise equal outputs), the Triton kernel's
 pooled stream elsewhere or where the Gluon kernel cannot run the call (``hopper.pooled_unsupported``, logged once
 per reason) or failed to compile with this Triton (logged once; the Triton kernel for the rest of the process).
 That launch writes its own log-sum-exp, which already holds the ``+ ln p`` of its pooled logits. Measured on an

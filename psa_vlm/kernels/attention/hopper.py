@@ -7,7 +7,7 @@ with ``+ log2 p`` in the exp2 domain (``+ ln p`` on the natural-log logit), and 
 natural-log log-sum-exp for the level merge (``fa4.merge_levels``). Pooled blocks are complete and entirely in
 the past of their query block (``build_block_lists`` lists only poolable blocks), so no causal mask applies.
 
-What differs from the Triton kernel (it ran 11-12% faster on an H200 at 64k and 128k tokens, same run, bitwise
+What differs from the Triton kernel (it ran 10-12% faster on an H200 at 64k and 128k tokens, same run, bitwise
 equal outputs; ``NOTES_fa4.md`` v6):
 - warp specialisation: one loader warp (``_ws_producer``) reads each tile's list entries and issues its copies;
   the program's 8 warps (``_ws_consumer``, two warpgroups of 64 query rows) only wait, multiply and run the
