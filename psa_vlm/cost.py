@@ -186,15 +186,28 @@ DENSE_TFLOPS = 650.0
 #: (1.4 / 1.2); 128k quota-0.2 52.3 / 58.6 (49.7 / 57.4). A quota config is judged on its own quotas (no host read),
 #: which put less work at full resolution than its plans (forced sink, diagonal and text blocks): quota-0.1 at 64k
 #: is 7.4 / 7.2 on its quotas (Triton) but 8.1 / 8.2 on its measured mix (fa4); the two engines measured within 1%
-#: there (8.4 / 8.4 ms), so the flip costs nothing. Factors 4 and 8 of ``fa4`` at 1.53 since the pooled launch
-#: runs the Gluon kernel on Hopper (``fa4.pooled_launch``: 3.87-3.92 against 4.36-4.37 ms at 64k, 13.7-13.9 against
-#: 15.5-15.7 at 128k, quota-0.2, same runs; 1.73 x 0.885; NOTES_fa4.md v6); with Triton < 3.6 that launch is the
-#: Triton kernel's (1.73). Calibrated on one card and input family: on another GPU the H200's constants decide (a
-#: wrong pick costs speed, never correctness).
+#: there (8.4 / 8.4 ms), so the flip costs nothing. Factors 4 and 8 of ``fa4`` at 1.55 since the pooled launch
+#: runs the Gluon kernel on Hopper (``fa4.pooled_launch``; quota-0.2, Gluon against Triton in the same runs: 3.86-3.93
+#: against 4.34-4.39 ms at 64k, 13.75-14.01 against 15.55-15.72 at 128k, ratio 0.885-0.895; the final tree's run
+#: 0.895: 1.73 x 0.895 = 1.55; NOTES_fa4.md v6); where that launch is the Triton kernel's, 1.73
+#: (``FA4_TRITON_POOLED_PER_FACTOR``). Calibrated on one card and input family: on another GPU the H200's constants
+#: decide (a wrong pick costs speed, never correctness).
 ENGINE_TIMES: Dict[str, EngineTime] = {
     "triton": EngineTime(per_factor=(1.4, 1.6, 1.6, 1.6), fixed_ms=0.1, ms_per_gelem=0.0),
-    "fa4": EngineTime(per_factor=(1.13, 1.19, 1.53, 1.53), fixed_ms=0.6, ms_per_gelem=2.72),
+    "fa4": EngineTime(per_factor=(1.13, 1.19, 1.55, 1.55), fixed_ms=0.6, ms_per_gelem=2.72),
 }
+
+#: ``fa4``'s per-factor costs where its pooled launch is the Triton kernel's (no Gluon kernel: Triton < 3.6, or it
+#: failed to compile in this process; ``_fa4_pooled_on_gluon``).
+FA4_TRITON_POOLED_PER_FACTOR = (1.13, 1.19, 1.73, 1.73)
+
+
+def _fa4_pooled_on_gluon() -> bool:
+    """Whether ``fa4``'s pooled launch can use its Gluon kernel in this process (Triton version and compile state;
+    the device is the caller's: this model is H200-calibrated)."""
+    from .kernels.attention import fa4
+
+    return fa4._pooled_gluon_import_error() is None and fa4._POOLED_GLUON_FAILURE is None
 
 
 def predict_attend_ms(engine: str, histogram: Sequence[float], batch: int, heads: int, head_dim: int, lq: int,
@@ -212,11 +225,14 @@ def predict_attend_ms(engine: str, histogram: Sequence[float], batch: int, heads
         KeyError: ``engine`` without a model. ValueError: a malformed histogram.
     """
     model = ENGINE_TIMES[engine]
+    per_factor = model.per_factor
+    if engine == "fa4" and not _fa4_pooled_on_gluon():
+        per_factor = FA4_TRITON_POOLED_PER_FACTOR
     h = _counts(histogram)
     total = sum(h)
     pairs = max(0, lq * (2 * lk - lq)) / 2  # visible (query, key) pairs of one head
     dense_ms = 4.0 * batch * heads * head_dim * pairs / (DENSE_TFLOPS * 1e9)
-    work = 0.0 if total <= 0 else sum(c * x / p for c, x, p in zip(model.per_factor, h[:4], (1, 2, 4, 8))) / total
+    work = 0.0 if total <= 0 else sum(c * x / p for c, x, p in zip(per_factor, h[:4], (1, 2, 4, 8))) / total
     return model.fixed_ms + model.ms_per_gelem * batch * lq * heads * head_dim / 1e9 + work * dense_ms
 
 

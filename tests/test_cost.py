@@ -135,7 +135,7 @@ def test_config_histogram_is_the_quota_mix():
 
 # what run_psa feeds the model for a quota config: its own quotas; the engines bench-attention recorded under
 # backend="auto" (H200, eval/results/attention.csv, commits ef89363 and dd76dc8); quota-0.1 at 64k moved to fa4
-# with the Gluon pooled launch (its factors 4 / 8 at 1.53 instead of 1.73; the engines measured within 1% there)
+# with the Gluon pooled launch (its factors 4 / 8 at 1.55 instead of 1.73; the engines measured within 1% there)
 @pytest.mark.parametrize(
     "preset,L,want",
     [
@@ -148,3 +148,19 @@ def test_config_histogram_is_the_quota_mix():
 )
 def test_quota_configs_take_the_recorded_engines(preset, L, want):
     assert faster_attend_backend(config_histogram(PSAConfig.preset(preset)), 1, 28, 128, L, L) == want
+
+
+def test_fa4_pooled_cost_follows_the_pooled_kernel(monkeypatch):
+    """Without the Gluon pooled kernel (Triton < 3.6, or a compile failure) fa4's factors 4 / 8 cost the Triton
+    kernel's 1.73 instead of 1.55: the prediction rises, and quota-0.1 at 64k goes back to the Triton engine."""
+    from psa_vlm import cost
+
+    hist = config_histogram(PSAConfig.preset("quota-0.1"))
+    args = (hist, 1, 28, 128, 65536, 65536)
+    monkeypatch.setattr(cost, "_fa4_pooled_on_gluon", lambda: True)
+    with_gluon = predict_attend_ms("fa4", *args)
+    assert faster_attend_backend(*args) == "fa4"
+    monkeypatch.setattr(cost, "_fa4_pooled_on_gluon", lambda: False)
+    assert predict_attend_ms("fa4", *args) > with_gluon
+    assert faster_attend_backend(*args) == "triton"
+    assert predict_attend_ms("triton", *args) == pytest.approx(predict_attend_ms("triton", *args))

@@ -149,6 +149,49 @@ def _run_pooled(args):
     return out, lse
 
 
+def poison_unlisted(kp, vp, tidx, tcounts, block_k, factors):
+    """NaN in every pyramid row of ``kp`` / ``vp`` that no entry of the pooled-only list ``tidx`` / ``tcounts``
+    reads (all levels; rows of one batch element and KV head are read by its query heads' lists). A kernel that
+    loads rows it should not (past a stream's end, another level) gives NaN."""
+    from psa_vlm.kernels.geometry import FACTOR_ORDER, level_offsets
+
+    B, Hq = tidx.shape[:2]
+    Hkv = kp.shape[1]
+    G = Hq // Hkv
+    listed = torch.zeros(B, Hkv, kp.shape[2], dtype=torch.bool, device=kp.device)
+    rows_per = {p: block_k // p for p in factors}
+    R = kp.shape[2]
+    nkf = R // sum(rows_per.values())
+    offs = level_offsets(nkf, block_k, factors)
+    cnt = tcounts.cpu()
+    idx = tidx.cpu()
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(idx.shape[2]):
+                pos = 0
+                for col, p in enumerate(FACTOR_ORDER):
+                    c = int(cnt[b, h, i, col])
+                    if p != 1:
+                        for j in idx[b, h, i, pos:pos + c].tolist():
+                            r0 = offs[p] + j * rows_per[p]
+                            listed[b, h // G, r0:r0 + rows_per[p]] = True
+                    pos += c
+    kp, vp = kp.clone(), vp.clone()
+    kp[~listed] = float("nan")
+    vp[~listed] = float("nan")
+    return kp, vp
+
+
+def test_poison_unlisted_keeps_the_triton_pooled_launch_finite():
+    """The helper of the GPU test below, checked on the Triton kernel: unlisted rows are poisoned, listed ones not."""
+    (q, k, v, kp, vp, tidx, tcounts), ref = _pooled_case()
+    pkp, pvp = poison_unlisted(kp, vp, tidx, tcounts, 128, ALL_POOL)
+    assert torch.isnan(pkp).any() and not torch.isnan(pkp).all()
+    out, lse = _run_pooled((q, k, v, pkp, pvp, tidx, tcounts))
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
 def test_pooled_engine_is_triton_off_hopper(monkeypatch):
     """On the CPU (and under the interpreter) the pooled launch is the Triton kernel's, whatever is asked."""
     (q, k, v, kp, vp, tidx, tcounts), ref = _pooled_case()
@@ -187,7 +230,7 @@ def pooled_as_on_hopper(monkeypatch):
     return hopper
 
 
-def test_pooled_unsupported_names_the_limit(pooled_as_on_hopper):
+def test_pooled_unsupported_names_the_limit(pooled_as_on_hopper, monkeypatch):
     hopper = pooled_as_on_hopper
     (q, k, v, kp, vp, tidx, tcounts), _ = _pooled_case()
     kw = dict(block_q=128, block_k=128, factors=ALL_POOL)
@@ -199,6 +242,48 @@ def test_pooled_unsupported_names_the_limit(pooled_as_on_hopper):
     assert "block_k 32" in hopper.pooled_unsupported(q, kp, vp, block_q=128, block_k=32, factors=ALL_POOL)
     assert "block_k 512" in hopper.pooled_unsupported(q, kp, vp, block_q=128, block_k=512, factors=ALL_POOL)
     assert "non-contiguous" in hopper.pooled_unsupported(q, kp.transpose(1, 2), vp, **kw)
+    assert "block_k 96" in hopper.pooled_unsupported(q, kp, vp, block_q=128, block_k=96, factors=ALL_POOL)
+    assert "one dtype" in hopper.pooled_unsupported(q, kp.to(torch.bfloat16), vp, **kw)
+    out = torch.zeros(1, 4, 200, 2 * 64, dtype=q.dtype)[..., ::2]
+    assert "out with a non-contiguous" in hopper.pooled_unsupported(q, kp, vp, out=out, **kw)
+    lse = torch.zeros(1, 4, 400)[..., ::2]
+    assert "lse with a non-contiguous" in hopper.pooled_unsupported(q, kp, vp, lse=lse, **kw)
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"BM": 256}})  # the effective tiles decide
+    assert fa4.pooled_engine(q, kp, vp, **kw)[1] == "block_q 128 (a multiple of 256 only)"
+
+
+def test_fa4_backend_runs_the_pooled_gluon_kernel_once(monkeypatch, pooled_as_on_hopper):
+    """``fa4.sparse_attention`` sends its factors 4 / 8 through ``pooled_launch``: on Hopper the Gluon kernel runs once
+    per call and the Triton kernel not at all (FlashAttention-4's level launches emulated; the Gluon kernel stood in
+    for by the Triton kernel's launch, which computes the same)."""
+    hopper = pooled_as_on_hopper
+    real_triton = fa4.triton_pooled_launch
+    calls = {"gluon": 0, "triton": 0}
+
+    def gluon_stand_in(*args, tiles=None, **kwargs):
+        calls["gluon"] += 1
+        real_triton(*args, **kwargs)
+
+    def counted_triton(*args, **kwargs):
+        calls["triton"] += 1
+        real_triton(*args, **kwargs)
+
+    monkeypatch.setattr(hopper, "pooled_launch", gluon_stand_in)
+    monkeypatch.setattr(fa4, "triton_pooled_launch", counted_triton)
+    monkeypatch.setattr(fa4, "fa4_unsupported", lambda *a, **kw: None)
+    monkeypatch.setattr(fa4, "flash_attn_level", fa4.emulate_level)
+    monkeypatch.setattr(fa4, "TRITON_POOLED_FACTORS", (4, 8))
+    torch.manual_seed(8)
+    B, Hq, Hkv, Lq, Lk, D, bq, bk = 1, 4, 2, 300, 300, 64, 128, 128
+    q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, torch.float16, device="cpu")
+    _, kv_idx, counts = random_lists(B, Hq, Lq, Lk, bq, bk, device="cpu")
+    kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=ALL_POOL)
+    got = fa4.sparse_attention(q, k, v, kp.contiguous(), vp.contiguous(), kv_idx, counts, block_q=bq, block_k=bk,
+                               factors=ALL_POOL)
+    assert calls == {"gluon": 1, "triton": 0}
+    ref = sparse_attention_ref(q.float(), k.float(), v.float(), kp.float(), vp.float(), kv_idx, counts, block_q=bq,
+                               block_k=bk, factors=ALL_POOL)
+    torch.testing.assert_close(got.float(), ref, atol=3e-3, rtol=3e-3)
 
 
 @pytest.mark.parametrize("error", ["compile", "host"])
@@ -258,9 +343,14 @@ def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, 
     """``engine``: the pooled launch's kernel (``fa4.pooled_launch``; the Gluon one needs Hopper and Triton >= 3.6)."""
     _need_fa4()
     monkeypatch.setattr(fa4, "TRITON_POOLED_FACTORS", triton_pooled)
-    if engine == "gluon" and fa4._pooled_gluon_import_error() is not None:
-        pytest.skip(f"Gluon pooled kernel unavailable: {fa4._pooled_gluon_import_error()}")
+    if engine == "gluon" and (torch.cuda.get_device_capability()[0] != 9 or fa4._pooled_gluon_import_error()):
+        pytest.skip(f"Gluon pooled kernel unavailable: {fa4._pooled_gluon_import_error() or 'not a Hopper GPU'}")
     monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON": engine == "gluon"} if engine else {})
+    from psa_vlm.kernels.attention import hopper
+
+    gluon_calls = []
+    real_gluon = hopper.pooled_launch
+    monkeypatch.setattr(hopper, "pooled_launch", lambda *a, **kw: (gluon_calls.append(1), real_gluon(*a, **kw)))
     from psa_vlm.bench.synthetic import video_like_qkv
 
     torch.manual_seed(L + Lq + D)
@@ -274,6 +364,7 @@ def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, 
     kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=ALL_POOL)
     out = torch.full((1, Lq, Hq, D), float("nan"), dtype=torch.bfloat16, device="cuda").transpose(1, 2)
     got = fa4.sparse_attention(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=ALL_POOL, out=out)
+    assert len(gluon_calls) == (1 if engine == "gluon" else 0)
     ref = sparse_attention_ref(q.float(), k.float(), v.float(), kp.float(), vp.float(), kv_idx, counts,
                                block_q=bq, block_k=bk, factors=ALL_POOL)
     assert not torch.isnan(got).any()
@@ -285,7 +376,7 @@ def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, 
 @pytest.mark.parametrize(
     "B,Hq,Hkv,Lq,Lk,D,dtype,factors,tail",
     [
-        (1, 4, 1, 1000, 1000, 128, torch.bfloat16, ALL_POOL, (4, 8)),  # irregular L, MQA, NaN in unread rows
+        (1, 4, 1, 1000, 1000, 128, torch.bfloat16, ALL_POOL, (4, 8)),  # irregular L, MQA
         (2, 6, 2, 700, 2100, 128, torch.float16, ALL_POOL, (2, 4, 8)),  # batch 2, Lq < Lk, every pooled level
         (1, 7, 1, 3000, 3000, 64, torch.bfloat16, ALL_POOL, (4, 8)),  # head_dim 64
         (1, 4, 2, 1500, 2600, 128, torch.bfloat16, (2, 8), (8,)),  # a factor subset: 16-row runs, one level
@@ -295,8 +386,8 @@ def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, 
 )
 def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype, factors, tail):
     """The Gluon pooled kernel (``hopper.py``) on pooled-only lists against the float32 reference, outputs and
-    log-sum-exps NaN-poisoned first; its log-sum-exp against the Triton kernel's. In the first case the factor-2
-    rows, which a (4, 8) list never reads, hold NaN: it must not leak (unlisted runs load zeros)."""
+    log-sum-exps NaN-poisoned first; its log-sum-exp against the Triton kernel's. Every pyramid row the list does not
+    read holds NaN (``poison_unlisted``): none may leak (runs past a stream's end load zeros)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon pooled kernel needs a Hopper GPU")
     if fa4._pooled_gluon_import_error() is not None:
@@ -321,8 +412,7 @@ def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype,
     assert int(tcounts[..., 1:].sum()) > 0
     ref = sparse_attention_ref(q.float(), k.float(), v.float(), kp.float(), vp.float(), tidx, tcounts, block_q=bq,
                                block_k=bk, factors=factors)
-    if tail == (4, 8) and 2 in factors:
-        vp[:, :, : nkf * (bk // 2)] = float("nan")
+    kp, vp = poison_unlisted(kp, vp, tidx, tcounts, bk, factors)
     scale = D ** -0.5
     outs = {}
     for name, launch in (("gluon", hopper.pooled_launch), ("triton", fa4.triton_pooled_launch)):

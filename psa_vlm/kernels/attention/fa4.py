@@ -19,7 +19,7 @@ pooled stream elsewhere or where the Gluon kernel cannot run the call (``hopper.
 per reason) or failed to compile with this Triton (logged once; the Triton kernel for the rest of the process).
 That launch writes its own log-sum-exp, which already holds the ``+ ln p`` of its pooled logits. Measured on an
 H200 the packed launch made the attend stage 0-8% faster than one FlashAttention-4 launch per level, and the
-Gluon kernel another 2-5% (``NOTES_fa4.md`` v2, v6).
+Gluon kernel another 1-5% (1-2% in the final tree's run; ``NOTES_fa4.md`` v2, v6).
 
 The merge then weights each partial by ``exp(lse_p + ln p - LSE)`` with ``LSE = logsumexp_p(lse_p + ln p)``.
 Adding ``ln p`` to a level's log-sum-exp is the same as adding ``ln p`` to every pooled logit (PSA's bias), so no
@@ -683,13 +683,16 @@ def _pooled_gluon_import_error() -> Optional[str]:
 
 
 def pooled_engine(q: torch.Tensor, k_pooled: torch.Tensor, v_pooled: torch.Tensor, *, block_q: int, block_k: int,
-                  factors: Sequence[int]) -> Tuple[str, Optional[str]]:
+                  factors: Sequence[int], out: Optional[torch.Tensor] = None,
+                  lse: Optional[torch.Tensor] = None) -> Tuple[str, Optional[str]]:
     """Which kernel ``pooled_launch`` runs for this call: ``("gluon", None)`` or ``("triton", reason)``.
 
-    The Gluon kernel needs a compute capability 9.x CUDA device outside the interpreter, Triton >= 3.6 with its
-    Gluon API (``hopper.py`` imports and compiled in this process), and a call it supports
-    (``hopper.pooled_unsupported``: float16 / bfloat16, head_dim 64 / 128, ``bq`` a multiple of 128, runs of >= 8
-    pyramid rows, a contiguous pyramid). ``POOLED_OVERRIDES["GLUON"] = False`` always picks the Triton kernel.
+    The Gluon kernel (``hopper.py``) needs a compute capability 9.x CUDA device outside the interpreter, Triton >= 3.6
+    with its Gluon API (``hopper.py`` imports, and has not failed to compile in this process), and a call it supports
+    (``hopper.pooled_unsupported``: float16 / bfloat16 throughout, head_dim 64 / 128, ``bq`` a multiple of 128, ``bk``
+    a power of two giving runs of >= 8 pyramid rows, a contiguous pyramid, ``out`` / ``lse`` with a contiguous last
+    dimension). ``POOLED_OVERRIDES["GLUON"] = False`` always picks the Triton kernel. Arguments as
+    ``pooled_launch``; nothing is read back from the GPU.
     """
     if POOLED_OVERRIDES.get("GLUON", True) is False:
         return "triton", "disabled by POOLED_OVERRIDES"
@@ -701,31 +704,52 @@ def pooled_engine(q: torch.Tensor, k_pooled: torch.Tensor, v_pooled: torch.Tenso
     if reason is None:
         from . import hopper
 
-        reason = hopper.pooled_unsupported(q, k_pooled, v_pooled, block_q=block_q, block_k=block_k, factors=factors)
+        reason = hopper.pooled_unsupported(q, k_pooled, v_pooled, block_q=block_q, block_k=block_k, factors=factors,
+                                           out=out, lse=lse, tiles=_pooled_tiles())
     return ("gluon", None) if reason is None else ("triton", reason)
+
+
+def _pooled_tiles() -> dict:
+    from . import hopper
+
+    return dict(hopper.TILES, **POOLED_OVERRIDES.get("GLUON_TILES", {}))
 
 
 def pooled_launch(
     q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int,
     factors: Sequence[int], scale: float,
 ) -> None:
-    """The launch of the pooled factors (``attend_by_levels``' ``pooled_launch``) on the engine ``pooled_engine``
-    picks: same arguments and outputs as ``triton_pooled_launch``; the Gluon kernel's outputs equal the Triton
-    kernel's (checked on the H200 to the bit). A compile failure of the Gluon kernel (another Triton's Gluon API)
-    logs once and runs the Triton kernel for the rest of the process; device errors propagate.
+    """Attention of every query block over the pooled entries of its block list, in one launch, on the kernel
+    ``pooled_engine`` picks (``attend_by_levels``' ``pooled_launch``; the Gluon kernel's outputs equal the Triton
+    kernel's, checked bit for bit on an H200).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` float16 / bfloat16; k, v: ``[B, Hkv, Lk, D]`` (only ``Lk`` is read).
+        k_pooled, v_pooled: ``[B, Hkv, R, D]`` pyramid of ``factors`` (``pyramid_pool``).
+        kv_idx, counts: int32 ``[B, Hq, nq, nk]`` / ``[B, Hq, nq, 4]`` list of pooled entries only (the tail list
+            of ``level_block_lists``; its factor-1 count is 0).
+        out: ``[B, Hq, Lq, D]`` receiving the partial attention (rows without entries: zeros).
+        lse: float32 ``[B, Hq, Lq]`` receiving its natural-log log-sum-exp, pooled logits with their ``+ ln p``
+            (``-inf`` for rows without entries).
+        block_q, block_k: ``bq``, ``bk``; factors: the pyramid's factors; scale: softmax scale.
+
+    A Gluon kernel that does not compile with this Triton (its Gluon API changed) logs once and the Triton kernel
+    runs from then on in this process.
 
     Raises:
-        RuntimeError: ``POOLED_OVERRIDES["GLUON"] is True`` and the Gluon kernel cannot run the call.
+        RuntimeError: ``POOLED_OVERRIDES["GLUON"] is True`` and the Gluon kernel cannot run the call; the Gluon
+            kernel's own compile error is raised instead of falling back when ``POOLED_OVERRIDES["GLUON"] is True``.
+        torch.OutOfMemoryError, RuntimeError: errors of the device (out of memory, a CUDA error) always propagate.
     """
     global _POOLED_GLUON_FAILURE
-    engine, reason = pooled_engine(q, k_pooled, v_pooled, block_q=block_q, block_k=block_k, factors=factors)
+    engine, reason = pooled_engine(q, k_pooled, v_pooled, block_q=block_q, block_k=block_k, factors=factors, out=out,
+                                   lse=lse)
     if engine == "gluon":
         from . import hopper
 
-        tiles = dict(hopper.TILES, **POOLED_OVERRIDES.get("GLUON_TILES", {}))
         try:
             hopper.pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, out=out, lse=lse, block_q=block_q,
-                                 block_k=block_k, factors=factors, scale=scale, tiles=tiles)
+                                 block_k=block_k, factors=factors, scale=scale, tiles=_pooled_tiles())
             return
         except gluon_support.GLUON_API_ERRORS as exc:
             if POOLED_OVERRIDES.get("GLUON") is True or gluon_support.device_error(exc):

@@ -24,8 +24,9 @@ the softmax first (seen in the SASS), so the two run back to back; 64-row key ti
 them) and two free-running warpgroups were measured slower (``NOTES_fa4.md`` v6).
 
 Limits (``pooled_unsupported`` says which, the caller then runs the Triton kernel): compute capability 9.x,
-Triton >= 3.6 with Gluon, float16 / bfloat16, head_dim 64 or 128, ``bq`` a multiple of 128, ``bk / max(p)`` >= 8,
-the pyramid ``[B, Hkv, R, D]`` contiguous. A factor-1 entry in the list, or a factor missing from the pyramid,
+Triton >= 3.6 with Gluon, float16 / bfloat16 (the pyramid in ``q``'s dtype), head_dim 64 or 128, ``bq`` a multiple
+of 128, ``bk`` a power of two with ``bk / max(p)`` >= 8 and ``bk / 2`` <= 128, the pyramid ``[B, Hkv, R, D]``
+contiguous, ``out`` and ``lse`` with a contiguous last dimension. A factor-1 entry in the list, or a factor missing from the pyramid,
 fills the query block's rows with NaN (the caller passes pooled factors only; nothing is checked on the host,
 which would synchronise). Not runnable under ``TRITON_INTERPRET=1``: the GPU tier checks it against the
 reference. Nothing here is imported by ``import psa_vlm``.
@@ -41,6 +42,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..geometry import cdiv, level_offsets
 
@@ -286,26 +288,42 @@ def _nvmma_layout(block: tuple, fp16: bool):
 
 
 def pooled_unsupported(q: torch.Tensor, k_pooled: torch.Tensor, v_pooled: torch.Tensor, *, block_q: int, block_k: int,
-                       factors) -> str | None:
-    """Why this kernel cannot run a call (``None`` if it can); hardware and Triton version are the caller's."""
+                       factors, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                       tiles: dict = TILES) -> str | None:
+    """Why this kernel cannot run a call, or ``None`` if it can (the device and the Triton version are the caller's:
+    ``fa4.pooled_engine``).
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k_pooled, v_pooled: ``[B, Hkv, R, D]``; out: ``[B, Hq, Lq, D]`` and lse: float32
+            ``[B, Hq, Lq]`` outputs (``None``: not checked); block_q, block_k: ``bq``, ``bk``; factors: the
+            pyramid's factors; tiles: the kernel's tiles (``TILES`` with overrides).
+    """
     D = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (float16 / bfloat16 only)"
+    if k_pooled.dtype != q.dtype or v_pooled.dtype != q.dtype:
+        return f"a pyramid in {k_pooled.dtype} / {v_pooled.dtype} with q in {q.dtype} (one dtype only)"
     if D not in (64, 128):
         return f"head_dim {D} (64 or 128 only)"
-    if block_q % TILES["BM"]:
-        return f"block_q {block_q} (a multiple of {TILES['BM']} only)"
+    if block_q % tiles["BM"]:
+        return f"block_q {block_q} (a multiple of {tiles['BM']} only)"
     pooled = [int(p) for p in factors if int(p) != 1]
-    if not pooled or block_k // max(pooled) < 8 or block_k // 2 > TILES["BN"]:
-        return f"block_k {block_k} with factors {tuple(factors)} (runs of >= 8 pyramid rows, bk <= {2 * TILES['BN']})"
+    pow2 = block_k > 0 and block_k & (block_k - 1) == 0
+    if not pooled or not pow2 or block_k // max(pooled) < 8 or block_k // 2 > tiles["BN"]:
+        return (f"block_k {block_k} with factors {tuple(factors)} (a power of two, runs of >= 8 pyramid rows, "
+                f"bk <= {2 * tiles['BN']})")
     if not (k_pooled.is_contiguous() and v_pooled.is_contiguous()):
         return "a non-contiguous pyramid"
+    for name, t in (("out", out), ("lse", lse)):  # q is copied by ``pooled_launch`` if it must be
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            return f"{name} with a non-contiguous last dimension"
     return None
 
 
 def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q: int, block_k: int, factors,
            scale: float, tiles: dict = TILES) -> None:
-    """Run the kernel (inputs checked by the caller, ``pooled_unsupported(...)`` is ``None``).
+    """Run the kernel (inputs checked by the caller, ``pooled_unsupported(...)`` is ``None``). Asynchronous: nothing is
+    read back to the host.
 
     Args:
         q: ``[B, Hq, Lq, D]`` float16 / bfloat16, last dimension contiguous (any other strides).
@@ -318,8 +336,6 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
         factors: the pyramid's factors (ascending); a listed factor outside them gives NaN rows.
         scale: softmax scale.
     """
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     B, Hq, Lq, D = q.shape
     Hkv, R = k_pooled.shape[1], k_pooled.shape[2]
     BM, BN = tiles["BM"], tiles["BN"]
@@ -329,8 +345,9 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
     layout = _nvmma_layout((BN, D), fp16)
     kp2 = k_pooled.view(B * Hkv * R, D)
     vp2 = v_pooled.view(B * Hkv * R, D)
-    k_desc = TensorDescriptor(kp2, list(kp2.shape), list(kp2.stride()), [CH, D], layout)
-    v_desc = TensorDescriptor(vp2, list(vp2.shape), list(vp2.stride()), [CH, D], layout)
+    # zero padding: runs past the stream's end read past the tensor and must load zeros (NaN-hiding rule)
+    k_desc = TensorDescriptor(kp2, list(kp2.shape), list(kp2.stride()), [CH, D], layout, padding="zero")
+    v_desc = TensorDescriptor(vp2, list(vp2.shape), list(vp2.stride()), [CH, D], layout, padding="zero")
     rows = level_offsets(Lk // block_k, block_k, factors)
     nq = cdiv(Lq, block_q)
     n_tiles_q = nq * (block_q // BM)
@@ -349,8 +366,13 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
 
 def pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int, factors,
                   scale: float, tiles: dict = TILES) -> None:
-    """``fa4.attend_by_levels``'s ``pooled_launch`` contract on this kernel (``fa4.triton_pooled_launch``'s
-    signature): the list holds pooled factors only; ``k``/``v`` give the key length."""
+    """This kernel with ``fa4.triton_pooled_launch``'s signature (``fa4.attend_by_levels``' ``pooled_launch``).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` (copied if its last dimension is not contiguous); k, v: ``[B, Hkv, Lk, D]``, only
+            ``Lk`` is read; k_pooled, v_pooled, kv_idx, counts, out, lse, block_q, block_k, factors, scale: as
+            ``launch``.
+    """
     if q.shape[-1] > 1 and q.stride(-1) != 1:
         q = q.contiguous()
     launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, Lk=k.shape[2], block_q=block_q, block_k=block_k,
