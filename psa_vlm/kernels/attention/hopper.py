@@ -26,9 +26,9 @@ them) and two free-running warpgroups were measured slower (``NOTES_fa4.md`` v6)
 Limits (``pooled_unsupported`` says which, the caller then runs the Triton kernel): compute capability 9.x,
 Triton >= 3.6 with Gluon, float16 / bfloat16 (the pyramid in ``q``'s dtype), head_dim 64 or 128, ``bq`` a multiple
 of 128, ``bk`` a power of two with ``bk / max(p)`` >= 8 and ``bk / 2`` <= 128, the pyramid ``[B, Hkv, R, D]``
-contiguous, ``out`` and ``lse`` with a contiguous last dimension. A factor-1 entry in the list, or a factor missing from the pyramid,
-fills the query block's rows with NaN (the caller passes pooled factors only; nothing is checked on the host,
-which would synchronise). Not runnable under ``TRITON_INTERPRET=1``: the GPU tier checks it against the
+contiguous, ``out`` and ``lse`` with a contiguous last dimension. A factor-1 entry in the list, or a factor
+missing from the pyramid, fills the query block's rows with NaN (the caller passes pooled factors only; nothing
+is checked on the host, which would synchronise). Not runnable under ``TRITON_INTERPRET=1``: the GPU tier checks it against the
 reference. Nothing here is imported by ``import psa_vlm``.
 """
 
