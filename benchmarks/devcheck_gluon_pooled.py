@@ -31,21 +31,7 @@ import sys
 import time
 
 import torch
-
-
-def say(*parts) -> None:
-    sys.stdout.write(" ".join(str(p) for p in parts) + "\n")
-    sys.stdout.flush()
-
-
-def bench(fn, rep: int = 100) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
-
-
-def rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+from devcheck_fa4 import bench, rel, say  # the FlashAttention-4 devcheck's report helpers (this folder is on sys.path)
 
 
 def tail_list(kv_idx, counts, Lk, bk, factors, tail):
