@@ -5,13 +5,14 @@ error (propagate). Nothing here imports Gluon; each caller keeps its own fallbac
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
 from triton.errors import TritonError
 
-__all__ = ["GLUON_MIN_TRITON", "GLUON_API_ERRORS", "hopper_device", "triton_version_error", "device_error"]
+__all__ = ["GLUON_MIN_TRITON", "GLUON_API_ERRORS", "hopper_device", "triton_version_error", "import_error",
+           "device_error"]
 
 #: The Gluon kernels are written against Triton 3.6's ``triton.experimental.gluon`` (run on an H200 with 3.6,
 #: compiled for sm_90 with 3.8); older versions lack parts of it (``warp_specialize``, ``NVMMADistributedLayout``).
@@ -35,6 +36,18 @@ def triton_version_error() -> Optional[str]:
     if version < GLUON_MIN_TRITON:
         return f"Triton {triton.__version__} < {'.'.join(map(str, GLUON_MIN_TRITON))}"
     return None
+
+
+def import_error(load: Callable[[], object]) -> Optional[str]:
+    """``None`` when this Triton is new enough and ``load()`` (importing a Gluon kernel module) succeeds, else the
+    reason: any failure to import means the caller's Triton kernel runs."""
+    reason = triton_version_error()
+    if reason is None:
+        try:
+            load()
+        except Exception as exc:  # noqa: BLE001 - any failure to import means: use the Triton kernel
+            reason = f"{type(exc).__name__}: {exc}"
+    return reason
 
 
 def device_error(exc: BaseException) -> bool:

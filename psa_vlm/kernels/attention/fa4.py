@@ -41,6 +41,7 @@ head_dim a multiple of 8 up to 256, no ``key_padding_mask``
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -673,13 +674,7 @@ _POOLED_GLUON_FAILURE: Optional[str] = None
 @functools.lru_cache(maxsize=None)
 def _pooled_gluon_import_error() -> Optional[str]:
     """``None`` when ``hopper.py`` imports with this Triton (>= ``gluon_support.GLUON_MIN_TRITON``), else why."""
-    reason = gluon_support.triton_version_error()
-    if reason is None:
-        try:
-            from . import hopper  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - any failure to import means: use the Triton kernel
-            reason = f"{type(exc).__name__}: {exc}"
-    return reason
+    return gluon_support.import_error(lambda: importlib.import_module(".hopper", __package__))
 
 
 def pooled_engine(q: torch.Tensor, k_pooled: torch.Tensor, v_pooled: torch.Tensor, *, block_q: int, block_k: int,

@@ -65,6 +65,7 @@ are upcast to float32 after loading (the interpreter's bfloat16 arithmetic is wr
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import os
@@ -710,14 +711,9 @@ def _gluon_hardware(q: torch.Tensor, interpret: bool) -> bool:
 @functools.lru_cache(maxsize=None)
 def _gluon_import_error() -> Optional[str]:
     """``None`` when the Gluon kernel can be used with this Triton, else the reason (logged once)."""
-    reason = gluon_support.triton_version_error()
+    reason = gluon_support.import_error(lambda: importlib.import_module(".hopper", __package__))
     if reason is None:
-        try:
-            from . import hopper  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - any failure to import means: use the Triton GEMM form
-            reason = f"{type(exc).__name__}: {exc}"
-        else:
-            return None
+        return None
     logger.info("estimator: Gluon kernel unavailable (%s); the Triton GEMM form runs", reason)
     return reason
 
