@@ -273,6 +273,14 @@ def _pooled_gluon_kernel(
                          c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN, CH, RP2, RP4, RP8,
                          NCH, NSK, NSV))],
         [1], [PRODUCER_REGS])
+    # every arrive and wait is done once the partitions have joined; PTX asks for mbarrier.inval before the
+    # barriers' shared memory may be reused (the epilogue's layout conversion may use it)
+    for si in gl.static_range(NSK):
+        mbarrier.invalidate(full_k.index(si))
+        mbarrier.invalidate(empty_k.index(si))
+    for si in gl.static_range(NSV):
+        mbarrier.invalidate(full_v.index(si))
+        mbarrier.invalidate(empty_v.index(si))
     _epilogue(acc, m_i, l_i, n_bad, out_ptr + b64 * stride_ob + h64 * stride_oh, stride_om,
               lse_ptr + b64 * stride_lb + h64 * stride_lh, tile_m * BM, Lq, BM, D, HAS_LSE, num_warps)
 
