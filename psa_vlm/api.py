@@ -433,6 +433,44 @@ def _ops(backend: str):
     return pyramid_pool, block_importance, assign_levels, sparse_attention
 
 
+def estimator_queries(q: torch.Tensor, num_kv_heads: int, config: PSAConfig) -> torch.Tensor:
+    """The queries the importance estimator reads (``PSAConfig.estimate_heads``).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` queries (any strides).
+        num_kv_heads: ``Hkv``, a divisor of ``Hq``.
+        config: The PSA configuration.
+
+    Returns:
+        ``q`` itself for ``estimate_heads="query"`` or when ``Hq == Hkv``; for ``"kv"`` the mean of each GQA
+        group's query heads, ``[B, Hkv, Lq, D]`` of ``q``'s dtype: group ``g`` averages query heads
+        ``g*G .. g*G+G-1`` (``G = Hq / Hkv``, the heads that read KV head ``g``, as in SDPA's ``enable_gqa``),
+        accumulated in float32 by ``torch.mean`` and rounded once. A non-finite query stays visible in its
+        group's mean (NaN/inf propagate), so the non-finite rule of ``run_psa`` still sees it.
+    """
+    B, Hq, Lq, D = q.shape
+    G = Hq // num_kv_heads
+    if config.estimate_heads != "kv" or G == 1:
+        return q
+    return q.unflatten(1, (num_kv_heads, G)).mean(dim=2)
+
+
+def share_in_groups(
+    lists: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_heads: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(factors, kv_idx, counts)`` assigned per KV head, repeated for every query head of its group.
+
+    ``assign_levels`` on ``[B, Hkv, ...]`` scores (``estimate_heads="kv"``) returns per-KV-head lists; query head
+    ``h`` gets KV head ``h // G``'s. Lists that already have ``num_heads`` heads are returned as they are.
+    """
+    heads = lists[0].shape[1]
+    if heads == num_heads:
+        return lists
+    G = num_heads // heads
+    factors, kv_idx, counts = (t.repeat_interleave(G, dim=1) for t in lists)
+    return factors, kv_idx, counts
+
+
 # ---------------------------------------------------------------------------------------------- flags
 def block_flags(
     B: int,
@@ -647,7 +685,9 @@ def run_psa(
         k_pooled, v_pooled, cap = pyramid_pool(
             k, v, block_k=bk, factors=pool_factors, sim_thresholds=config.sim_thresholds
         )
-        scores = block_importance(q, k, block_q=bq, block_k=bk, stride=config.stride, scale=scale)
+        # per query head, or per KV head from its group's mean query (estimate_heads="kv")
+        scores = block_importance(estimator_queries(q, k.shape[1], config), k, block_q=bq, block_k=bk,
+                                  stride=config.stride, scale=scale)
         # Non-finite inputs stay visible, as in SDPA (no host sync): a query block whose scores are not finite
         # (a NaN/inf in its queries or in a key it sees) attends every visible block at full resolution, and a
         # KV block holding a non-finite value is kept at full resolution wherever it is visible.
@@ -655,7 +695,9 @@ def run_psa(
         bad_v = _nonfinite_value_blocks(v, key_padding_mask, bk)
         kv_flags = kv_flags | torch.where(bad_v, KV_FORCE_FULL, 0).to(torch.int8)
         scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
-        factors, kv_idx, counts = assign_levels(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=config)
+        factors, kv_idx, counts = share_in_groups(
+            assign_levels(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=config), Hq
+        )
 
     valid = None if key_padding_mask is None else _padding_valid(key_padding_mask, kv_flags, Lq, bq)
     plan = PSAPlan(

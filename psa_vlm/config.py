@@ -27,6 +27,9 @@ ALL_FACTORS: Tuple[int, ...] = (1, 2, 4, 8)
 
 _MODES = ("threshold", "quota")
 
+#: Values of ``PSAConfig.estimate_heads``.
+_ESTIMATE_HEADS = ("query", "kv")
+
 #: Integer fields; NumPy integers and 0-d integer tensors are accepted and stored as ``int``.
 _INT_FIELDS = ("block_q", "block_k", "stride", "min_seq_len", "text_tail", "sink_blocks")
 
@@ -96,6 +99,17 @@ class PSAConfig:
             is measured in ``eval/results/FIDELITY.md`` ("Cheaper estimator: stride 16"). Set it with
             ``PSAConfig.preset(name, stride=16)``, ``"stride": 16`` in a JSON config (``--psa-config``) or
             ``stride=16`` in the lmms-eval ``--model_args``.
+        estimate_heads: Which heads the importance estimator (PSA_SPEC step 3) and the level assignment
+            (steps 4-6) run on. ``"query"`` (default, the spec): one estimate and one level map per query head.
+            ``"kv"`` (GQA-shared, the cheaper estimator of issue #12; opt-in): one estimate per KV head, computed
+            from the mean of its group's ``G = Hq / Hkv`` query heads (averaged over heads per token, float32
+            accumulation, rounded to the queries' dtype), assigned once per KV head and shared by every query
+            head of the group. The estimator and the assignment do ``1/G`` of the work (1/7 for Qwen2.5-VL-7B:
+            28 query / 4 KV heads); the attend stage is unchanged. Identical to ``"query"`` when ``G = 1``. The
+            group's heads then read the same blocks at the same factors, however different their attention
+            patterns: its fidelity is measured in ``eval/results/FIDELITY.md`` ("GQA-shared estimator"). Set it
+            with ``PSAConfig.preset(name, estimate_heads="kv")``, ``"estimate_heads": "kv"`` in a JSON config or
+            ``estimate_heads=kv`` in the lmms-eval ``--model_args``.
         sim_thresholds: Similarity-cap thresholds for factors (2, 4, 8), or ``None`` to disable the cap.
         min_seq_len: Prefills with fewer query tokens than this run dense attention.
         text_tail: Without token types, the last ``text_tail`` tokens count as text.
@@ -133,6 +147,7 @@ class PSAConfig:
     thresholds: Tuple[float, float, float, float] = (0.70, 0.80, 0.90, 0.90)
     quotas: Optional[Tuple[float, float, float, float]] = None
     stride: int = 8
+    estimate_heads: str = "query"
     sim_thresholds: Optional[Tuple[float, float, float]] = (0.75, 0.70, 0.70)
     min_seq_len: int = 4096
     text_tail: int = 512
@@ -189,6 +204,10 @@ class PSAConfig:
         if self.pool_factors and self.block_k % max(self.pool_factors):
             raise ValueError(
                 f"PSAConfig.block_k={self.block_k} must be a multiple of the largest pool factor {max(self.pool_factors)}"
+            )
+        if self.estimate_heads not in _ESTIMATE_HEADS:
+            raise ValueError(
+                f"PSAConfig.estimate_heads must be one of {_ESTIMATE_HEADS}, got {self.estimate_heads!r}"
             )
         if self.mode not in _MODES:
             raise ValueError(f"PSAConfig.mode must be one of {_MODES}, got {self.mode!r}")

@@ -183,6 +183,7 @@ def psa_config_from_options(
     block_q: Any = None,
     block_k: Any = None,
     stride: Any = None,
+    estimate_heads: Any = None,
     min_seq_len: Any = None,
     text_tail: Any = None,
     sim_thresholds: Any = "preset",
@@ -200,6 +201,7 @@ def psa_config_from_options(
         block_q: Query block size.
         block_k: KV block size.
         stride: Antidiagonal stride of the estimator.
+        estimate_heads: ``"query"`` or ``"kv"`` (GQA-shared estimator, ``PSAConfig.estimate_heads``).
         min_seq_len: Prefills shorter than this run dense.
         text_tail: Tokens counted as text when token types are unknown.
         sim_thresholds: Similarity-cap thresholds for factors (2, 4, 8), ``"none"`` to disable,
@@ -229,6 +231,8 @@ def psa_config_from_options(
         changes["block_k"] = _as_int(block_k, "block_k", 1)
     if stride is not None:
         changes["stride"] = _as_int(stride, "stride", 1)
+    if estimate_heads is not None:
+        changes["estimate_heads"] = str(estimate_heads).strip().lower()
     if min_seq_len is not None:
         changes["min_seq_len"] = _as_int(min_seq_len, "min_seq_len", 0)
     if text_tail is not None:

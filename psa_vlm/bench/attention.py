@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import PRESETS, PSAConfig
-from .common import append_csv, binary_config_at_density, split_stride, environment, median_ms, write_markdown
+from .common import append_csv, binary_config_at_density, split_method, environment, median_ms, write_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +30,19 @@ COLUMNS = [
     "gpu", "seq_len", "preset", "backend", "density", "dense_ms", "fastest_dense", "psa_ms", "speedup",
     "speedup_vs_cudnn", "dense_cudnn_ms", "dense_fa2_ms", "dense_fa4_ms", "dense_guard",
     "pool_ms", "estimate_ms", "assign_ms", "attend_ms", "overhead_pct_of_dense", "attend_over_ideal",
-    "full", "pool2", "pool4", "pool8", "skip", "extra_mem_mb", "kv_mb", "check", "max_rel_err",
+    "full", "pool2", "pool4", "pool8", "skip", "extra_mem_mb", "kv_mb", "check", "max_rel_err", "err_vs_dense",
     "input", "heads", "kv_heads", "head_dim", "dtype", "torch", "triton", "commit",
 ]
 MD_COLUMNS = [
     "seq_len", "preset", "backend", "density", "dense_cudnn_ms", "dense_fa2_ms", "dense_fa4_ms", "psa_ms",
     "speedup", "speedup_vs_cudnn", "pool_ms", "estimate_ms", "assign_ms", "attend_ms", "overhead_pct_of_dense",
-    "attend_over_ideal", "dense_guard", "extra_mem_mb", "check",
+    "attend_over_ideal", "err_vs_dense", "dense_guard", "extra_mem_mb", "check",
 ]
 DEFAULT_PRESETS = "quota-0.1,binary-0.1,quota-0.2,binary-0.2,quota-0.3,binary-0.3,paper,binary@paper"
 
 
 def _known_method(name: str) -> bool:
-    name, _ = split_stride(name)
+    name, _ = split_method(name)
     return name in PRESETS or (name.startswith("binary@") and name.split("@", 1)[1] in PRESETS)
 
 
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated token counts")
     p.add_argument("--presets", type=choice_list(_known_method, "presets"), default=DEFAULT_PRESETS,
                    help="comma-separated presets; 'binary@P' is keep/drop with its quota corrected to P's "
-                        "measured density; a suffix '/sN' sets the estimator stride (e.g. 'quota-0.2/s16')")
+                        "measured density; a suffix '/sN' sets the estimator stride, '/kv' the GQA-shared estimator "
+                        "(estimate_heads='kv'), e.g. 'quota-0.2/s16', 'quota-0.2/kv'")
     p.add_argument("--heads", type=positive_int, default=28)
     p.add_argument("--kv-heads", type=positive_int, default=4)
     p.add_argument("--head-dim", type=positive_int, default=128)
@@ -99,9 +100,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _config_for(name: str, measured: Dict[str, float], q: torch.Tensor, k: torch.Tensor) -> PSAConfig:
-    name, stride = split_stride(name)
-    if stride is not None:
-        return _config_for(name, measured, q, k).replace(stride=stride)
+    name, changes = split_method(name)
+    if changes:
+        return _config_for(name, measured, q, k).replace(**changes)
     if name.startswith("binary@"):
         base = name.split("@", 1)[1]
         if base not in measured:
@@ -114,7 +115,7 @@ def _config_for(name: str, measured: Dict[str, float], q: torch.Tensor, k: torch
 
 def check_stages(q, k, v, cfg: PSAConfig, tol: float = 1e-2, backend: str = "triton") -> Dict[str, float]:
     """The backend's stages against the PyTorch reference on the same inputs; returns error measures."""
-    from ..api import _ops, block_flags
+    from ..api import _ops, block_flags, estimator_queries, share_in_groups
     from ..kernels.assign import naive as nassign
     from ..kernels.attention import naive as nattn
     from ..kernels.estimate import naive as nest
@@ -133,14 +134,15 @@ def check_stages(q, k, v, cfg: PSAConfig, tol: float = 1e-2, backend: str = "tri
     res["cap_mismatch"] = float((cap != rcap).float().mean())
     kv_flags, q_flags = block_flags(B, Lq, Lk, cfg, q.device)
     if not cfg.dense:
-        s = t_est(q, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale)
-        rs = nest.block_importance(q, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale)
+        qe = estimator_queries(q, k.shape[1], cfg)  # the group-mean queries with estimate_heads="kv"
+        s = t_est(qe, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale)
+        rs = nest.block_importance(qe, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale)
         res["estimate"] = _rel(s, rs)
     else:
         rs = torch.zeros(B, Hq, -(-Lq // bq), -(-Lk // bk), device=q.device)
     # assignment on identical (reference) scores and caps
-    f, kv_idx, counts = t_assign(rs, rcap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg)
-    rf, _, _ = nassign.assign_levels(rs, rcap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg)
+    f, kv_idx, counts = share_in_groups(t_assign(rs, rcap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg), Hq)
+    rf, _, _ = share_in_groups(nassign.assign_levels(rs, rcap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg), Hq)
     res["assign_mismatch"] = float((f != rf).float().mean())
     # attention on sampled query blocks (first, middle, last) against the reference on the same lists
     nq = kv_idx.shape[2]
@@ -177,7 +179,7 @@ def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backen
     ``PSAPlan.attend_backend``; the dense guard).
     """
     call_backend = backend if requested is None else requested  # the whole call as a user's (``"auto"``) runs
-    from ..api import _ops, block_flags, run_psa
+    from ..api import _ops, block_flags, estimator_queries, run_psa, share_in_groups
 
     t_pool, t_est, t_assign, t_attn = _ops(backend)
     B, Hq, Lq, D = q.shape
@@ -209,15 +211,18 @@ def bench_one(q, k, v, cfg: PSAConfig, dense: Dict[str, float], rep: int, backen
         row["estimate_ms"] = 0.0
         scores = torch.zeros(B, Hq, -(-Lq // bq), -(-Lk // bk), device=q.device)
     else:
-        row["estimate_ms"] = median_ms(
-            lambda: t_est(q, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale), rep=rep
-        )
-        scores = t_est(q, k, block_q=bq, block_k=bk, stride=cfg.stride, scale=scale)
+        # the stage as run_psa runs it: with estimate_heads="kv" the group mean of the queries is part of it
+        def estimate():
+            return t_est(estimator_queries(q, k.shape[1], cfg), k, block_q=bq, block_k=bk, stride=cfg.stride,
+                         scale=scale)
+
+        row["estimate_ms"] = median_ms(estimate, rep=rep)
+        scores = estimate()
     _, _, cap = t_pool(k, v, block_k=bk, factors=factors, sim_thresholds=cfg.sim_thresholds)
 
     def assign():
         kv_flags, q_flags = block_flags(B, Lq, Lk, cfg, q.device)
-        return t_assign(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg)
+        return share_in_groups(t_assign(scores, cap, kv_flags, q_flags, lq=Lq, lk=Lk, config=cfg), Hq)
 
     row["assign_ms"] = median_ms(assign, rep=rep)
     o = torch.empty_like(q)
@@ -243,12 +248,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.heads % args.kv_heads:
         raise CLIError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     for full in args.presets:
-        name, stride = split_stride(full)
+        name, changes = split_method(full)
         base = name.split("@", 1)[1] if name.startswith("binary@") else name
         if name.startswith("binary@") and base not in args.presets[: args.presets.index(full)]:
             raise CLIError(f"{full}: list preset {base!r} before it in --presets (its density is measured first)")
         try:  # the Triton kernels' limits (head_dim <= 256), a stride that divides the blocks
-            cfg = PSAConfig.preset(base) if stride is None else PSAConfig.preset(base, stride=stride)
+            cfg = PSAConfig.preset(base, **changes)
             check_config_for_backend(cfg, "triton", device="cuda", head_dim=args.head_dim)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
@@ -282,6 +287,8 @@ def main(args: argparse.Namespace) -> int:
             k = torch.randn(1, args.kv_heads, L, args.head_dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(1, args.kv_heads, L, args.head_dim, device="cuda", dtype=torch.bfloat16)
         dense = dense_baselines(q, k, v, args.rep)
+        # exact causal attention (SDPA), the yardstick of each row's err_vs_dense (a fidelity measure, not a check)
+        exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         fastest = min(dense, key=dense.get)
         dense_ms = dense[fastest]
         kv_mb = 2 * k.numel() * k.element_size() / 2**20
@@ -297,6 +304,7 @@ def main(args: argparse.Namespace) -> int:
             # threshold-mode plan knows only in a whole call); None: dense ran before planning
             o0, plan0 = run_psa(q, k, v, cfg, backend=args.backend)
             be_L = plan0.attend_backend or attend_backend(args.backend, backend, L)
+            err_vs_dense = _rel(o0, exact)
             del o0, plan0
             if not args.no_check:
                 chk = check_stages(q, k, v, cfg, backend=be_L)
@@ -309,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
                 dense_cudnn_ms=dense.get("cudnn", ""), dense_fa2_ms=dense.get("fa2", ""),
                 dense_fa4_ms=dense.get("fa4", ""), input=args.input, heads=args.heads,
                 kv_heads=args.kv_heads, head_dim=args.head_dim, dtype="bfloat16",
-                check=("pass" if ok else ("skipped" if chk is None else "FAIL")),
+                check=("pass" if ok else ("skipped" if chk is None else "FAIL")), err_vs_dense=err_vs_dense,
                 max_rel_err=(max(chk[x] for x in ("pool", "attention", "estimate") if x in chk) if chk else ""),
             )
             if not ok:
@@ -321,7 +329,7 @@ def main(args: argparse.Namespace) -> int:
             logger.info("L=%d %s: %s", L, name, {k_: row[k_] for k_ in ("density", "psa_ms", "speedup", "check")})
             if chk is not None and not ok:
                 logger.warning("check failed for L=%d %s: %s", L, name, chk)
-        del q, k, v
+        del q, k, v, exact
         torch.cuda.empty_cache()
         logger.info("L=%d done in %.0f s", L, time.time() - t0)
     if args.out:
@@ -332,7 +340,8 @@ def main(args: argparse.Namespace) -> int:
             f"Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, causal, {args.input} inputs; "
             "CUDA-event medians (ms); `speedup` is against the fastest dense baseline of the run "
             "(cuDNN SDPA, FlashAttention-2 via SDPA, FlashAttention-4 dense), `attend_over_ideal` is the attend "
-            "stage over density x cuDNN dense; every row's stages were checked against the PyTorch reference in "
+            "stage over density x cuDNN dense, `err_vs_dense` the whole call's relative error (Frobenius) against "
+            "exact causal attention (SDPA) on the same inputs; every row's stages were checked against the PyTorch reference in "
             "the same run before its speed-up was recorded.",
         )
     print(f"\nbench-attention on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}), "

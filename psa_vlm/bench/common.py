@@ -6,7 +6,7 @@ import csv
 import os
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -59,9 +59,25 @@ def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
 
 
 def append_csv(path: Path, rows: Iterable[Dict], columns: List[str]) -> None:
-    """Append rows with fixed columns, writing the header when the file is new."""
+    """Append rows with fixed columns, writing the header when the file is new.
+
+    A file written with other columns (an older version of the benchmark) is rewritten first with the union of
+    both, its columns first, so that every row stays under its own header (missing cells are empty).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            old_columns = list(reader.fieldnames or [])
+            old_rows = list(reader)
+        if old_columns != list(columns):
+            columns = old_columns + [c for c in columns if c not in old_columns]
+            with path.open("w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+                w.writeheader()
+                for r in old_rows:
+                    w.writerow({c: r.get(c, "") for c in columns})
     with path.open("a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         if new:
@@ -121,10 +137,21 @@ def binary_config_at_density(
     return best
 
 
-def split_stride(name: str) -> Tuple[str, Optional[int]]:
-    """A benchmark method name with an optional estimator-stride suffix: ``"quota-0.2/s16"`` ->
-    ``("quota-0.2", 16)``; without a suffix ``(name, None)`` (the preset's own stride, 8)."""
-    base, sep, tail = name.rpartition("/s")
-    if sep and tail.isdigit() and int(tail) > 0:
-        return base, int(tail)
-    return name, None
+def split_method(name: str) -> Tuple[str, Dict[str, Any]]:
+    """A benchmark method name and the config fields its suffixes set.
+
+    Suffixes, each at most once, in any order: ``/sN`` sets the estimator stride to ``N``, ``/kv`` the GQA-shared
+    estimator (``estimate_heads="kv"``). ``"quota-0.2/s16/kv"`` -> ``("quota-0.2", {"stride": 16,
+    "estimate_heads": "kv"})``; a name without suffixes -> ``(name, {})``. A name with an unknown or repeated
+    suffix comes back whole with no changes (it then fails the caller's check of known names).
+    """
+    base, *tails = name.split("/")
+    changes: Dict[str, Any] = {}
+    for tail in tails:
+        if tail == "kv" and "estimate_heads" not in changes:
+            changes["estimate_heads"] = "kv"
+        elif tail[:1] == "s" and tail[1:].isdigit() and int(tail[1:]) > 0 and "stride" not in changes:
+            changes["stride"] = int(tail[1:])
+        else:
+            return name, {}
+    return base, changes

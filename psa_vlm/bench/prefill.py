@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..config import PRESETS, PSAConfig
-from .common import append_csv, environment, split_stride, write_markdown
+from .common import append_csv, environment, split_method, write_markdown
 from .synthetic import video_like_embeddings
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ ARCHS: Dict[str, Dict[str, Any]] = {
 
 
 def _known_method(name: str) -> bool:
-    name, _ = split_stride(name)
+    name, _ = split_method(name)
     base = name.split("@", 1)[1] if name.startswith("binary@") else name
     return name == "dense" or base in PRESETS
 
@@ -98,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prompt lengths (default: 16k-128k for qwen2_5_vl, 32k-256k for qwen3_vl)")
     p.add_argument("--methods", type=choice_list(_known_method, "methods"), default=DEFAULT_METHODS,
                    help="'dense' (unpatched SDPA), PSA presets, or 'binary@P' (keep/drop at P's measured density); "
-                        "a suffix '/sN' sets the estimator stride (e.g. 'quota-0.2/s16')")
+                        "a suffix '/sN' sets the estimator stride, '/kv' the GQA-shared estimator (estimate_heads='kv'), "
+                        "e.g. 'quota-0.2/s16', 'quota-0.2/kv'")
     p.add_argument("--model", type=existing_dir, default=None,
                    help="local checkpoint of any supported family (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe) "
                         "instead of random weights; prompts are real video tokens through its processor")
@@ -121,14 +122,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     from ..cli import CLIError
 
     for i, full in enumerate(args.methods):
-        m, stride = split_stride(full)
+        m, changes = split_method(full)
         if m.startswith("binary@") and m.split("@", 1)[1] not in args.methods[:i]:
             raise CLIError(f"{full}: list {m.split('@', 1)[1]!r} before it in --methods (its density is measured first)")
-        if stride is not None:
+        if changes:
             if m == "dense":
-                raise CLIError(f"{full}: 'dense' has no estimator stride")
+                raise CLIError(f"{full}: 'dense' has no estimator to change")
             try:
-                PSAConfig.preset("paper", stride=stride)
+                PSAConfig.preset("paper", **changes)
             except ValueError as exc:
                 raise CLIError(str(exc)) from None
 
@@ -351,7 +352,7 @@ def main(args: argparse.Namespace) -> int:
         for full in methods:
             if full == "dense":
                 continue
-            m, stride = split_stride(full)
+            m, changes = split_method(full)
             if m.startswith("binary@"):
                 base = m.split("@", 1)[1]
                 if base not in measured:
@@ -363,8 +364,8 @@ def main(args: argparse.Namespace) -> int:
                     cfg = PSAConfig.preset(m)
                 except ValueError as exc:
                     raise CLIError(str(exc)) from None
-            if stride is not None:
-                cfg = cfg.replace(stride=stride)
+            if changes:
+                cfg = cfg.replace(**changes)
             # the requested backend ("auto" by default): every layer call takes a user's decisions
             patch(model, cfg.replace(min_seq_len=1024), backend=args.backend)
             prefill(model, embeds)  # warm-up / compile

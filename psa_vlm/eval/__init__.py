@@ -41,6 +41,7 @@ PSA_MODEL_ARGS = (
     "block_q",
     "block_k",
     "stride",
+    "estimate_heads",
     "text_tail",
     "sim_thresholds",
     "pool_factors",

@@ -59,12 +59,13 @@ DEFAULT_CANDIDATES = "quota-0.1,quota-0.2,quota-0.3,quota-0.4,quota-0.5,paper,ta
 
 def candidate_config(name: str, base: PSAConfig) -> PSAConfig:
     """A candidate's config: a preset (or ``CANDIDATES`` entry) with ``base``'s block sizes, stride,
-    ``min_seq_len``, ``text_tail`` and ``sink_blocks``.
+    ``estimate_heads``, ``min_seq_len``, ``text_tail`` and ``sink_blocks``.
 
     Raises:
         ValueError: Unknown name.
     """
-    keep = {f: getattr(base, f) for f in ("block_q", "block_k", "stride", "min_seq_len", "text_tail", "sink_blocks")}
+    keep = {f: getattr(base, f)
+            for f in ("block_q", "block_k", "stride", "estimate_heads", "min_seq_len", "text_tail", "sink_blocks")}
     if name in PRESETS:
         return PSAConfig.preset(name, **keep)
     if name in CANDIDATES:
@@ -133,7 +134,7 @@ def calibrate(
     Args:
         runner: A ``psa_vlm.eval.fidelity.FidelityRunner`` (model, processor, backend, frame settings).
         prompts: Calibration prompts.
-        base: Settings every candidate keeps (block sizes, stride, ``min_seq_len``, ``text_tail``, sinks).
+        base: Settings every candidate keeps (block sizes, stride, ``estimate_heads``, ``min_seq_len``, ``text_tail``, sinks).
         candidates: Candidate names (presets or ``CANDIDATES``); ``dense`` is the fallback either way.
         max_attn_err: Target on each layer's relative attention-output error, or
         max_kl: target on ``KL(dense || PSA)`` at the answer position (exactly one of the two).

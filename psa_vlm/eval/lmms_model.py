@@ -28,6 +28,7 @@ PSA options in ``--model_args`` (lists use ``/`` because ``,`` separates argumen
     thresholds=0.7/0.8/0.9/0.9   tau for factors 1/2/4/8 (threshold mode)
     quotas=0.1/0.1/0.1/0.2       fractions for factors 1/2/4/8 (quota mode)
     min_seq_len=4096  block_size=128  block_q=..  block_k=..  stride=8  text_tail=512
+    estimate_heads=query | kv    kv: one estimate per KV head from its query group's mean (GQA-shared)
     sim_thresholds=0.75/0.7/0.7 | none      pool_factors=2/4/8 | none
     backend=auto | fa4 | triton | reference  psa_layers=0/1/2 (default: all layers)
     psa_config=path.json    a JSON config (PSAConfig.save, psa-vlm calibrate; per-layer overrides included)
