@@ -92,13 +92,14 @@ class PSAConfig:
             each in [0, 1], summing to at most 1. Forced full-resolution blocks count against the factor-1 quota.
         stride: Antidiagonal stride ``s`` of the importance estimator (PSA_SPEC step 3): each reduced row
             scores ``s`` queries against groups of ``s`` keys. Its cost falls with ``s``: for causal inputs the
-            estimator does ``1/(2*s)`` of dense attention's FLOPs (1/16 at the default 8, 1/32 at 16) and its
-            score matrix has ``(Lq/s) * (Lk/s)`` entries. Supported: any ``s`` dividing ``block_q`` and
-            ``block_k``, on every backend; 4, 8 and 16 are tested on the default 128 x 128 blocks. ``16`` is
-            the cheaper estimator of issue #12 (coarser estimates); its fidelity against 8 on the tiny model
-            is measured in ``eval/results/FIDELITY.md`` ("Cheaper estimator: stride 16"). Set it with
-            ``PSAConfig.preset(name, stride=16)``, ``"stride": 16`` in a JSON config (``--psa-config``) or
-            ``stride=16`` in the lmms-eval ``--model_args``.
+            estimator does ``1/(2*s)`` of dense attention's FLOPs (1/16 at the default 8, 1/32 at 16, 1/64 at 32)
+            and its score matrix has ``(Lq/s) * (Lk/s)`` entries. Supported: any ``s`` dividing ``block_q`` and
+            ``block_k``, on every backend; 4, 8, 16 and 32 are tested on the default 128 x 128 blocks. ``16`` and
+            ``32`` are the cheaper estimators of issue #12 (coarser estimates, the same per-head semantics); their
+            fidelity against 8 is measured in ``eval/results/FIDELITY.md`` ("Cheaper estimator: stride 16",
+            "Cheaper estimators at the 7B group size"). Set it with ``PSAConfig.preset(name, stride=32)``,
+            ``"stride": 32`` in a JSON config (``--psa-config``) or ``stride=32`` in the lmms-eval
+            ``--model_args``.
         estimate_heads: Which heads the importance estimator (PSA_SPEC step 3) and the level assignment
             (steps 4-6) run on. ``"query"`` (default, the spec): one estimate and one level map per query head.
             ``"kv"`` (GQA-shared, the cheaper estimator of issue #12; opt-in): one estimate per KV head, computed
@@ -107,9 +108,11 @@ class PSAConfig:
             head of the group. The estimator and the assignment do ``1/G`` of the work (1/7 for Qwen2.5-VL-7B:
             28 query / 4 KV heads); the attend stage is unchanged. Identical to ``"query"`` when ``G = 1``. The
             group's heads then read the same blocks at the same factors, however different their attention
-            patterns: its fidelity is measured in ``eval/results/FIDELITY.md`` ("GQA-shared estimator"). Set it
-            with ``PSAConfig.preset(name, estimate_heads="kv")``, ``"estimate_heads": "kv"`` in a JSON config or
-            ``estimate_heads=kv`` in the lmms-eval ``--model_args``.
+            patterns: on 7-head groups of video-like inputs its attention error against dense attention is 24x
+            that of ``"query"``, where ``stride=32`` costs about the same with 1.3x (``eval/results/FIDELITY.md``,
+            "Cheaper estimators at the 7B group size"). Set it with ``PSAConfig.preset(name,
+            estimate_heads="kv")``, ``"estimate_heads": "kv"`` in a JSON config or ``estimate_heads=kv`` in the
+            lmms-eval ``--model_args``.
         sim_thresholds: Similarity-cap thresholds for factors (2, 4, 8), or ``None`` to disable the cap.
         min_seq_len: Prefills with fewer query tokens than this run dense attention.
         text_tail: Without token types, the last ``text_tail`` tokens count as text.

@@ -111,10 +111,10 @@ def test_hand_written_json_config_starts_from_a_preset(tmp_path):
     assert c.for_layer(1).dense and not c.for_layer(0).dense
 
 
-@pytest.mark.parametrize("stride", [4, 8, 16])
+@pytest.mark.parametrize("stride", [4, 8, 16, 32])
 def test_estimator_strides_on_default_blocks(tmp_path, stride):
-    """Strides 4, 8 (default) and 16 are supported options on the default 128 x 128 blocks, in code, presets
-    and JSON (16: the cheaper estimator of issue #12; its fidelity is in eval/results/FIDELITY.md)."""
+    """Strides 4, 8 (default), 16 and 32 are supported options on the default 128 x 128 blocks, in code, presets
+    and JSON (16 and 32: the cheaper estimators of issue #12; their fidelity is in eval/results/FIDELITY.md)."""
     for name in ("paper", "quota-0.2", "binary-0.2"):
         c = PSAConfig.preset(name, stride=stride)
         assert (c.block_q, c.block_k, c.stride) == (128, 128, stride)

@@ -69,6 +69,7 @@ CASES = [
     (1, 4, 1, 97, 97, 24, 32, 64, 16, torch.float32),  # s 16: bq/s = 2, bk/s = 4, D 24 (not a power of two)
     (1, 3, 1, 100, 150, 16, 16, 32, 16, torch.float32),  # s = bq: one reduced row per query block
     (1, 4, 2, 70, 100, 16, 48, 48, 16, torch.float32),  # s 16: bq/s = bk/s = 3, padded tile columns
+    (1, 4, 2, 300, 333, 16, 128, 128, 32, torch.float32),  # s 32: bq/s = 4 rows, Lq < Lk, ragged tails
 ]
 
 
@@ -109,6 +110,7 @@ GEMM_CASES = [
     (1, 2, 1, 150, 150, 16, 128, 128, 4, torch.float16),  # s 4: bq/s = 32 rows, one query block per item here
     (1, 3, 1, 100, 150, 16, 16, 32, 16, torch.float16),  # s = bq: one reduced row per query block
     (1, 4, 2, 90, 90, 16, 16, 16, 8, torch.bfloat16),  # bf16 (upcast after the descriptor load)
+    (1, 6, 2, 290, 333, 16, 128, 128, 32, torch.float16),  # s 32 on 128 x 128 blocks: bq/s = 4, GQA 3
 ]
 
 
@@ -329,7 +331,7 @@ def test_lq_above_lk_rejected():
 @pytest.mark.gpu
 # the GEMM form as the Gluon kernel (Hopper) and as the Triton kernel (TMA: 9.0+), the general form (older GPUs)
 @pytest.mark.parametrize("engine", ["gluon", "triton", "general"])
-@pytest.mark.parametrize("s", [8, 16])
+@pytest.mark.parametrize("s", [8, 16, 32])
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])  # blhd: transformers' storage, read in place by the GEMM form
 @pytest.mark.parametrize("Lq,Lk", [(8192, 8192), (8192 - 1000 - 3, 8192), (12288 + 77, 12288 + 77)])
 def test_gpu_bf16_qwen_shapes(overrides, poisoned, Lq, Lk, layout, s, engine):
