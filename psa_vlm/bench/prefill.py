@@ -127,7 +127,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise CLIError(f"{full}: list {m.split('@', 1)[1]!r} before it in --methods (its density is measured first)")
         if changes:
             if m == "dense":
-                raise CLIError(f"{full}: 'dense' has no estimator to change")
+                raise CLIError(f"{full}: 'dense' has no estimator: its stride ('/sN') and heads ('/kv') cannot be set")
             try:
                 PSAConfig.preset("paper", **changes)
             except ValueError as exc:
