@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated token counts")
     p.add_argument("--presets", type=choice_list(_known_method, "presets"), default=DEFAULT_PRESETS,
                    help="comma-separated presets; 'binary@P' is keep/drop with its quota corrected to P's "
-                        "measured density; a suffix '/sN' sets the estimator stride, '/kv' the GQA-shared estimator "
-                        "(estimate_heads='kv'), e.g. 'quota-0.2/s16', 'quota-0.2/kv'")
+                        "measured density; a suffix '/sN' sets the estimator stride, '/kv' the GQA-shared "
+                        "estimator (estimate_heads='kv'), e.g. 'quota-0.2/s16', 'quota-0.2/kv'")
     p.add_argument("--heads", type=positive_int, default=28)
     p.add_argument("--kv-heads", type=positive_int, default=4)
     p.add_argument("--head-dim", type=positive_int, default=128)
@@ -341,8 +341,8 @@ def main(args: argparse.Namespace) -> int:
             "CUDA-event medians (ms); `speedup` is against the fastest dense baseline of the run "
             "(cuDNN SDPA, FlashAttention-2 via SDPA, FlashAttention-4 dense), `attend_over_ideal` is the attend "
             "stage over density x cuDNN dense, `err_vs_dense` the whole call's relative error (Frobenius) against "
-            "exact causal attention (SDPA) on the same inputs; every row's stages were checked against the PyTorch reference in "
-            "the same run before its speed-up was recorded.",
+            "exact causal attention (SDPA) on the same inputs; every row's stages were checked against the PyTorch "
+            "reference in the same run before its speed-up was recorded.",
         )
     print(f"\nbench-attention on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}), "
           f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16 causal, {args.input} inputs, backend {backend}; "

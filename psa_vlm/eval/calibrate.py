@@ -134,7 +134,8 @@ def calibrate(
     Args:
         runner: A ``psa_vlm.eval.fidelity.FidelityRunner`` (model, processor, backend, frame settings).
         prompts: Calibration prompts.
-        base: Settings every candidate keeps (block sizes, stride, ``estimate_heads``, ``min_seq_len``, ``text_tail``, sinks).
+        base: Settings every candidate keeps (block sizes, stride, ``estimate_heads``, ``min_seq_len``,
+            ``text_tail``, sinks).
         candidates: Candidate names (presets or ``CANDIDATES``); ``dense`` is the fallback either way.
         max_attn_err: Target on each layer's relative attention-output error, or
         max_kl: target on ``KL(dense || PSA)`` at the answer position (exactly one of the two).
