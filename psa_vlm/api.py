@@ -447,8 +447,13 @@ def estimator_queries(q: torch.Tensor, num_kv_heads: int, config: PSAConfig) -> 
         ``g*G .. g*G+G-1`` (``G = Hq / Hkv``, the heads that read KV head ``g``, as in SDPA's ``enable_gqa``),
         accumulated in float32 by ``torch.mean`` and rounded once. A non-finite query stays visible in its
         group's mean (NaN/inf propagate), so the non-finite rule of ``run_psa`` still sees it.
+
+    Raises:
+        ValueError: ``num_kv_heads`` does not divide ``Hq``.
     """
     B, Hq, Lq, D = q.shape
+    if num_kv_heads <= 0 or Hq % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide the {Hq} query heads")
     G = Hq // num_kv_heads
     if config.estimate_heads != "kv" or G == 1:
         return q
@@ -460,10 +465,17 @@ def share_in_groups(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(factors, kv_idx, counts)`` assigned per KV head, repeated for every query head of its group.
 
-    ``assign_levels`` on ``[B, Hkv, ...]`` scores (``estimate_heads="kv"``) returns per-KV-head lists; query head
-    ``h`` gets KV head ``h // G``'s. Lists that already have ``num_heads`` heads are returned as they are.
+    ``assign_levels`` on ``[B, Hkv, ...]`` scores (``estimate_heads="kv"``) returns per-KV-head lists: int8 factors
+    ``[B, Hkv, nq, nk]``, int32 ``kv_idx`` ``[B, Hkv, nq, nk]`` and int32 ``counts`` ``[B, Hkv, nq, 4]``. Query
+    head ``h`` gets KV head ``h // G``'s (``G = num_heads / Hkv``), in new tensors of ``num_heads`` heads; lists
+    that already have ``num_heads`` heads are returned as they are.
+
+    Raises:
+        ValueError: The three tensors' head counts differ or do not divide ``num_heads``.
     """
     heads = lists[0].shape[1]
+    if any(t.shape[1] != heads for t in lists) or heads <= 0 or num_heads % heads:
+        raise ValueError(f"lists with {[t.shape[1] for t in lists]} heads cannot be shared by {num_heads} query heads")
     if heads == num_heads:
         return lists
     G = num_heads // heads
@@ -888,7 +900,8 @@ def psa_attention(
         k: Keys ``[B, Hkv, Lk, D]``, ``Hq % Hkv == 0`` (GQA by index, no KV copies), ``Lq <= Lk``.
         v: Values ``[B, Hkv, Lk, D]``.
         config: ``PSAConfig`` (default: the ``"paper"`` preset). ``config.min_seq_len`` is not applied here:
-            this operator always runs PSA; the model patch uses dense attention for short inputs.
+            this operator always runs PSA; the model patch uses dense attention for short inputs. With
+            ``config.estimate_heads="kv"`` every query head of a GQA group gets its KV head's level map.
         level_map: A ``LevelMap`` or int ``[B, Hq, nq, nk]`` factors tensor to apply as is instead of
             estimating one (pooled factors on blocks that are not entirely in the past of every query of the
             query block, or that hold padding, are promoted to full resolution).
@@ -946,7 +959,8 @@ def build_level_map(
         token_types, key_padding_mask, scale, backend: As in ``psa_attention``.
 
     Returns:
-        ``LevelMap`` with int8 factors ``[B, Hq, nq, nk]``.
+        ``LevelMap`` with int8 factors ``[B, Hq, nq, nk]`` (with ``config.estimate_heads="kv"`` equal within
+        each GQA group of query heads).
     """
     _, plan = run_psa(
         q,

@@ -30,6 +30,11 @@ _MODES = ("threshold", "quota")
 #: Values of ``PSAConfig.estimate_heads``.
 _ESTIMATE_HEADS = ("query", "kv")
 
+#: Fields added after format 1 and their defaults: ``to_dict`` leaves a field out while it has its default, so the
+#: JSON of a config that does not use it (and the run signatures of ``eval-fidelity`` / ``eval-sweep``, which embed
+#: ``to_dict``) stays what earlier versions wrote and read.
+_LATER_FIELDS: Dict[str, Any] = {"estimate_heads": "query"}
+
 #: Integer fields; NumPy integers and 0-d integer tensors are accepted and stored as ``int``.
 _INT_FIELDS = ("block_q", "block_k", "stride", "min_seq_len", "text_tail", "sink_blocks")
 
@@ -108,11 +113,12 @@ class PSAConfig:
             head of the group. The estimator and the assignment do ``1/G`` of the work (1/7 for Qwen2.5-VL-7B:
             28 query / 4 KV heads); the attend stage is unchanged. Identical to ``"query"`` when ``G = 1``. The
             group's heads then read the same blocks at the same factors, however different their attention
-            patterns: on 7-head groups of video-like inputs its attention error against dense attention is 24x
-            that of ``"query"``, where ``stride=32`` costs about the same with 1.3x (``eval/results/FIDELITY.md``,
-            "Cheaper estimators at the 7B group size"). Set it with ``PSAConfig.preset(name,
-            estimate_heads="kv")``, ``"estimate_heads": "kv"`` in a JSON config or ``estimate_heads=kv`` in the
-            lmms-eval ``--model_args``.
+            patterns: on synthetic video-like inputs whose 7 query heads per group are independent random
+            projections (a worst case for sharing) its attention error against dense attention is 24x that of
+            ``"query"``, while ``stride=32`` costs 1.3-1.5x as much as it with 1.3x the error of ``"query"``
+            (``eval/results/FIDELITY.md``, "Cheaper estimators at the 7B group size"). Set it with
+            ``PSAConfig.preset(name, estimate_heads="kv")``, ``"estimate_heads": "kv"`` in a JSON config or
+            ``estimate_heads=kv`` in the lmms-eval ``--model_args``.
         sim_thresholds: Similarity-cap thresholds for factors (2, 4, 8), or ``None`` to disable the cap.
         min_seq_len: Prefills with fewer query tokens than this run dense attention.
         text_tail: Without token types, the last ``text_tail`` tokens count as text.
@@ -195,8 +201,10 @@ class PSAConfig:
         for name in ("sink_blocks", "min_seq_len", "text_tail"):
             check_int(name, 0)
         if self.block_q % self.stride or self.block_k % self.stride:
+            common = [s for s in (4, 8, 16, 32) if self.block_q % s == 0 and self.block_k % s == 0]
             raise ValueError(
                 f"PSAConfig.stride={self.stride} must divide block_q={self.block_q} and block_k={self.block_k}"
+                + (f" (e.g. {', '.join(map(str, common))})" if common else "")
             )
         if any(f not in (2, 4, 8) for f in self.pool_factors) or len(set(self.pool_factors)) != len(
             self.pool_factors
@@ -210,7 +218,9 @@ class PSAConfig:
             )
         if self.estimate_heads not in _ESTIMATE_HEADS:
             raise ValueError(
-                f"PSAConfig.estimate_heads must be one of {_ESTIMATE_HEADS}, got {self.estimate_heads!r}"
+                f"PSAConfig.estimate_heads must be one of {_ESTIMATE_HEADS} ('query': one importance estimate per "
+                f"query head, the default; 'kv': one per KV head from its query group's mean), got "
+                f"{self.estimate_heads!r}"
             )
         if self.mode not in _MODES:
             raise ValueError(f"PSAConfig.mode must be one of {_MODES}, got {self.mode!r}")
@@ -324,10 +334,16 @@ class PSAConfig:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready dict of every field (tuples as lists, ``layer_overrides`` keyed by layer index)."""
+        """JSON-ready dict of every field (tuples as lists, ``layer_overrides`` keyed by layer index).
+
+        A field added after format 1 (``estimate_heads``) appears only when it differs from its default, so that
+        configs that do not use it keep the JSON earlier versions of psa_vlm read; ``from_dict`` fills it in.
+        """
         out: Dict[str, Any] = {}
         for name in _FIELD_NAMES:
             val = getattr(self, name)
+            if name in _LATER_FIELDS and val == _LATER_FIELDS[name]:
+                continue
             if name == "layer_overrides":
                 val = None if val is None else {
                     str(layer): {k: list(v) if isinstance(v, tuple) else v for k, v in changes}

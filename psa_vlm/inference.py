@@ -232,7 +232,7 @@ def psa_config_from_options(
     if stride is not None:
         changes["stride"] = _as_int(stride, "stride", 1)
     if estimate_heads is not None:
-        changes["estimate_heads"] = str(estimate_heads).strip().lower()
+        changes["estimate_heads"] = str(estimate_heads).strip()
     if min_seq_len is not None:
         changes["min_seq_len"] = _as_int(min_seq_len, "min_seq_len", 0)
     if text_tail is not None:

@@ -53,8 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated token counts")
     p.add_argument("--presets", type=choice_list(_known_method, "presets"), default=DEFAULT_PRESETS,
                    help="comma-separated presets; 'binary@P' is keep/drop with its quota corrected to P's "
-                        "measured density; a suffix '/sN' sets the estimator stride, '/kv' the GQA-shared "
-                        "estimator (estimate_heads='kv'), e.g. 'quota-0.2/s16', 'quota-0.2/kv'")
+                        "measured density; suffixes, each at most once and combinable: '/sN' sets the estimator "
+                        "stride, '/kv' the GQA-shared estimator (estimate_heads='kv'), e.g. 'quota-0.2/s32', "
+                        "'quota-0.2/s16/kv'")
     p.add_argument("--heads", type=positive_int, default=28)
     p.add_argument("--kv-heads", type=positive_int, default=4)
     p.add_argument("--head-dim", type=positive_int, default=128)
@@ -252,6 +253,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         base = name.split("@", 1)[1] if name.startswith("binary@") else name
         if name.startswith("binary@") and base not in args.presets[: args.presets.index(full)]:
             raise CLIError(f"{full}: list preset {base!r} before it in --presets (its density is measured first)")
+        if changes and base == "dense":
+            raise CLIError(f"{full}: 'dense' has no estimator: its stride ('/sN') and heads ('/kv') cannot be set")
         try:  # the Triton kernels' limits (head_dim <= 256), a stride that divides the blocks
             cfg = PSAConfig.preset(base, **changes)
             check_config_for_backend(cfg, "triton", device="cuda", head_dim=args.head_dim)

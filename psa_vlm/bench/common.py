@@ -73,11 +73,13 @@ def append_csv(path: Path, rows: Iterable[Dict], columns: List[str]) -> None:
             old_rows = list(reader)
         if old_columns != list(columns):
             columns = old_columns + [c for c in columns if c not in old_columns]
-            with path.open("w", newline="") as fh:
+            tmp = path.with_name(path.name + ".tmp")  # replaced in one step: an interrupted run loses no row
+            with tmp.open("w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
                 w.writeheader()
                 for r in old_rows:
                     w.writerow({c: r.get(c, "") for c in columns})
+            os.replace(tmp, path)
     with path.open("a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         if new:

@@ -98,8 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prompt lengths (default: 16k-128k for qwen2_5_vl, 32k-256k for qwen3_vl)")
     p.add_argument("--methods", type=choice_list(_known_method, "methods"), default=DEFAULT_METHODS,
                    help="'dense' (unpatched SDPA), PSA presets, or 'binary@P' (keep/drop at P's measured density); "
-                        "a suffix '/sN' sets the estimator stride, '/kv' the GQA-shared estimator "
-                        "(estimate_heads='kv'), e.g. 'quota-0.2/s16', 'quota-0.2/kv'")
+                        "suffixes, each at most once and combinable: '/sN' sets the estimator stride, '/kv' the "
+                        "GQA-shared estimator (estimate_heads='kv'), e.g. 'quota-0.2/s32', 'quota-0.2/s16/kv'")
     p.add_argument("--model", type=existing_dir, default=None,
                    help="local checkpoint of any supported family (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe) "
                         "instead of random weights; prompts are real video tokens through its processor")

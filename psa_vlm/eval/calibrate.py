@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -74,7 +75,8 @@ def candidate_config(name: str, base: PSAConfig) -> PSAConfig:
 
 
 def _diff(config: PSAConfig, base: PSAConfig) -> Dict[str, Any]:
-    return {f: getattr(config, f) for f in config.to_dict() if f != "layer_overrides" and getattr(config, f) != getattr(base, f)}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name != "layer_overrides" and getattr(config, f.name) != getattr(base, f.name)}
 
 
 def assemble(choices: Dict[int, PSAConfig], n_layers: int, base: Optional[PSAConfig] = None) -> PSAConfig:

@@ -56,6 +56,7 @@ def _one_line_error(capsys, argv, prog, *needles):
         (["bench-prefill", "--methods", "dense/kv"], ["'dense' has no estimator", "'/kv'"]),
         (["bench-prefill", "--methods", "quota-0.2/kv/kv"], ["unknown methods: quota-0.2/kv/kv"]),
         (["bench-attention", "--presets", "quota-0.2/s16/x"], ["quota-0.2/s16/x"]),
+        (["bench-attention", "--presets", "dense/kv"], ["'dense' has no estimator"]),
         (["bench-prefill", "--model", "/nonexistent/dir"], ["--model"]),
         (["eval-sweep", "--limit", "-1"], ["--limit"]),
         (["eval-sweep", "--bootstrap-iters", "-2"], ["--bootstrap-iters"]),

@@ -137,6 +137,30 @@ def test_sparse_preset_runs(case):
     assert "psa=on" in repr(tiny.model) and "psa" not in repr(tiny.model.model.visual)
 
 
+def test_per_layer_gqa_shared_estimator(case, monkeypatch):
+    """``layer_overrides`` reach the estimator through the patch: only layer 1 estimates per KV head."""
+    from psa_vlm import api
+
+    tiny, inputs, ref_logits, _ = case
+    seen = []
+    real = api.estimator_queries
+
+    def spy(q, num_kv_heads, config):
+        out = real(q, num_kv_heads, config)
+        seen.append((config.estimate_heads, q.shape[1], out.shape[1]))
+        return out
+
+    monkeypatch.setattr(api, "estimator_queries", spy)
+    cfg = PSAConfig.preset("quota-0.2", **SMALL, layer_overrides={1: {"estimate_heads": "kv"}})
+    psa_vlm.patch(tiny.model, cfg)
+    logits = _logits(tiny.model, inputs)
+    assert torch.isfinite(logits).all()
+    text = tiny.model.config.text_config
+    hq, hkv = text.num_attention_heads, text.num_key_value_heads
+    assert hq > hkv, "the tiny models use GQA"
+    assert seen == [("query", hq, hq), ("kv", hq, hkv)] + [("query", hq, hq)] * (text.num_hidden_layers - 2)
+
+
 def test_left_padded_batch_equals_each_alone(case, clip_path):
     tiny = case[0]
     singles = [_encode(tiny, clip_path, [q]) for q in QUESTIONS]

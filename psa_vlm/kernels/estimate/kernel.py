@@ -53,10 +53,11 @@ general form with up to two programs per SM and cp.async loads.
 Cost: ``Lq * Lk * Hq * D / s`` FLOPs for causal inputs (``1/(2s)`` of dense causal attention's). Measured on an
 H200 at 64k tokens, s 8: GEMM form as the Gluon kernel 3.71 ms (~520 TFLOP/s, v8), as the Triton kernel 4.32 ms
 in the same run (4.35 ms = 443 TFLOP/s in v6), general form 5.47 ms (345 TFLOP/s); cuBLAS runs the same product
-without softmax or causal skipping at 623 TFLOP/s.
+without softmax or causal skipping at 623 TFLOP/s. Session 9 (Gluon kernel, 64k / 128k): s 8 3.67 / 14.96 ms,
+s 16 2.13 / 8.11, s 32 1.19 / 4.24 (``NOTES_stages.md`` v9).
 
 Limits: ``bq``, ``bk`` multiples of ``s``, any such ``s`` (the CPU tests compare both forms with the reference
-at s 4, 8 and 16, on 128 x 128 blocks too; the GPU tier at s 8 and 16 on Qwen2.5-VL-7B shapes); float16,
+at s 4, 8, 16 and 32, on 128 x 128 blocks too; the GPU tier at s 8, 16 and 32 on Qwen2.5-VL-7B shapes); float16,
 bfloat16, float32 inputs (float32 dots in IEEE precision, general form); any strides (copied only if the last
 dimension is not contiguous, or as the GEMM form's padded copy). Under ``TRITON_INTERPRET=1`` bfloat16 tiles
 are upcast to float32 after loading (the interpreter's bfloat16 arithmetic is wrong).
