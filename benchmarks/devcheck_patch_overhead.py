@@ -4,12 +4,15 @@ Builds the Qwen2.5-VL-7B-shaped language model of ``bench-prefill`` with a few l
 and at one length reports (CUDA-event medians, ms): the prefill per layer dense and patched, ``run_psa`` on the
 exact ``query``/``key``/``value`` tensors a patched layer received (same layouts), the same on contiguous
 copies, and a ``torch.profiler`` table of CUDA kernel time by name for one patched prefill and for the
-standalone call, so the patch's own kernels (statistics, masks, copies) show up as the difference. Whether the
+standalone call, so the patch's own kernels (statistics, masks, copies) show up as the difference. It also times
+``run_psa`` back to back (``--loop`` calls between two events, so that every call but the first starts with work
+queued, as in a model), with the dense guard's host read and without it (``dense_guard=False``): the difference is
+what the read's pipeline drain costs per call, and the no-guard loop minus the kernel total the other host gaps. Whether the
 standalone call reproduced the patched layer's output exactly is reported (``same_output``; the patch also passes
 the prompt's token types, which the standalone call does not).
 
 Usage: python benchmarks/devcheck_patch_overhead.py [--length 65536] [--layers 4] [--preset quota-0.2]
-       [--backend auto] [--out DIR]
+       [--backend auto] [--loop 10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--preset", default="quota-0.2")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--loop", type=int, default=10, help="back-to-back run_psa calls per timed loop")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -102,6 +106,21 @@ def main() -> int:
     res["run_psa_ms"] = _ms(call)
     qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
     res["run_psa_contiguous_ms"] = _ms(lambda: run_psa(qc, kc, vc, cfg, scale=scale, backend=args.backend))
+
+    def loop_ms(c) -> float:
+        for _ in range(2):
+            run_psa(q, k, v, c, scale=scale, backend=args.backend, out=buf.transpose(1, 2))
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(args.loop):
+            run_psa(q, k, v, c, scale=scale, backend=args.backend, out=buf.transpose(1, 2))
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / args.loop
+
+    res["run_psa_loop_ms"] = sorted(loop_ms(cfg) for _ in range(3))[1]
+    res["run_psa_loop_no_guard_ms"] = sorted(loop_ms(cfg.replace(dense_guard=False)) for _ in range(3))[1]
     for key, fn in (("patched_prefill_kernels", lambda: prefill(model, embeds)), ("run_psa_kernels", call)):
         try:
             res[key] = _kernels(fn)
@@ -117,6 +136,9 @@ def main() -> int:
     print(f"per layer: dense prefill {per(res['dense_prefill_ms'])} ms, patched {per(res['psa_prefill_ms'])} ms; "
           f"run_psa on the layer's tensors {res['run_psa_ms']:.3f} ms, on contiguous copies "
           f"{res['run_psa_contiguous_ms']:.3f} ms; layouts {res['layouts']}")
+    print(f"run_psa back to back: {res['run_psa_loop_ms']:.3f} ms per call with the dense guard's host read, "
+          f"{res['run_psa_loop_no_guard_ms']:.3f} ms without it; CUDA kernel total of one call "
+          f"{res['run_psa_kernels'][0]} ms")
     for key in ("patched_prefill_kernels", "run_psa_kernels", "dense_prefill_kernels"):
         total, rows = res[key]
         print(f"\n{key}: CUDA total {total} ms")
