@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefills shorter than this run dense (default: the preset's, 4096; 64 on the tiny demo)")
     parser.add_argument("--block-size", type=positive_int, default=None,
                         help="PSA query/KV block size (default: the preset's, 128; 32 on the tiny demo)")
+    parser.add_argument("--stride", type=positive_int, default=None,
+                        help="importance estimator stride (default: the preset's, 8; 16 and 32 are cheaper, coarser "
+                             "estimates; must divide the block size)")
+    parser.add_argument("--estimate-heads", default=None, choices=("query", "kv"),
+                        help="query (default): one importance estimate per query head; kv: one per KV head from its "
+                             "query group's mean, shared by the group (cheaper, less faithful on large groups)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length cap (default 16)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
@@ -191,7 +197,9 @@ def _psa_config(args: argparse.Namespace, tiny: bool) -> Tuple[PSAConfig, Option
     if getattr(args, "psa_config", None) is not None:  # a saved config is used as written, bar explicit options
         try:
             base = PSAConfig.load(args.psa_config)
-            return psa_config_from_options(base=base, block_size=args.block_size, min_seq_len=args.min_seq_len), None
+            return psa_config_from_options(base=base, block_size=args.block_size, min_seq_len=args.min_seq_len,
+                                           stride=getattr(args, "stride", None),
+                                           estimate_heads=getattr(args, "estimate_heads", None)), None
         except (OSError, ValueError) as exc:
             raise _cli_error(str(exc)) from None
     block = args.block_size
@@ -211,7 +219,9 @@ def _psa_config(args: argparse.Namespace, tiny: bool) -> Tuple[PSAConfig, Option
         if lowered:
             note = "tiny demo: " + ", ".join(lowered) + " so that PSA engages on this short prompt"
     try:
-        cfg = psa_config_from_options(args.preset, block_size=block, min_seq_len=min_seq, text_tail=text_tail)
+        cfg = psa_config_from_options(args.preset, block_size=block, min_seq_len=min_seq, text_tail=text_tail,
+                                      stride=getattr(args, "stride", None),
+                                      estimate_heads=getattr(args, "estimate_heads", None))
     except ValueError as exc:
         raise _cli_error(str(exc)) from None
     return cfg, note
@@ -373,8 +383,9 @@ def main(args: argparse.Namespace) -> int:
     out(f"{'question':<{w}}: " + prompt.replace("\n", "\n" + " " * (w + 2)))
     source = f"config {args.psa_config}" if getattr(args, "psa_config", None) else f"preset {args.preset}"
     layers_note = f", per-layer overrides on layers {list(cfg.overridden_layers())}" if cfg.layer_overrides else ""
+    estimator = f"stride {cfg.stride}" + (", one estimate per KV head" if cfg.estimate_heads == "kv" else "")
     out(f"{'PSA':<{w}}: {source}, blocks {cfg.block_q}x{cfg.block_k}, min_seq_len {cfg.min_seq_len}, "
-        f"backend {args.backend}{layers_note}")
+        f"estimator {estimator}, backend {args.backend}{layers_note}")
     if note:
         out(f"{'':<{w}}  ({note})")
     out(f"{'answer':<{w}}: {psa_text!r}")

@@ -66,6 +66,8 @@ def _one_line_error(capsys, argv, prog, *needles):
          ["preset paper", "block_q=24", "powers of two"]),
         (["run", "--max-new-tokens", "0"], ["--max-new-tokens"]),
         (["run", "--block-size", "abc"], ["--block-size"]),
+        (["run", "--stride", "24"], ["PSAConfig.stride=24 must divide", "e.g. 4, 8, 16, 32"]),
+        (["run", "--estimate-heads", "KV"], ["--estimate-heads", "'KV'"]),
         (["run", "--min-pixels", "-5"], ["--min-pixels"]),
         (["run", "--unknown-flag"], ["unrecognized arguments: --unknown-flag"]),
     ],

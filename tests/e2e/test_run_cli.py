@@ -35,6 +35,7 @@ def test_default_run(tmp_path_factory, monkeypatch, capsys):
     else:
         assert "UNTRAINED" in out and "meaningless" in out
     assert "blocks 32x32, min_seq_len 64" in _field(out, "PSA") and "(tiny demo: blocks 128 -> 32" in out
+    assert "estimator stride 8," in _field(out, "PSA") and "per KV head" not in _field(out, "PSA")
     assert _field(out, "expected").startswith(("A (", "B (", "C (", "D ("))
     n_prompt, n_video = map(int, re.match(r"(\d+) tokens \((\d+) video", _field(out, "prompt")).groups())
     assert n_video == 256 and n_prompt > n_video
@@ -51,12 +52,14 @@ def test_explicit_arguments(tiny_checkpoint, tmp_path, capsys):
         "run", "--model", str(tiny_checkpoint), "--video", clip.video, "--prompt", clip.prompt(),
         "--preset", "quota-0.2", "--max-frames", "16", "--max-pixels", str(112 * 84), "--compare-dense",
         "--backend", "reference", "--min-seq-len", "32", "--block-size", "16", "--max-new-tokens", "3",
+        "--stride", "8", "--estimate-heads", "kv",
     ])
     assert rc == 0
     out = capsys.readouterr().out
     assert "16 frames sampled" in out and "8x6x8" in out  # 8 temporal patches of 6 x 8 patches
     assert _field(out, "prompt").startswith(f"{_prompt_tokens(out)} tokens (96 video")
     assert "blocks 16x16, min_seq_len 32" in _field(out, "PSA") and "tiny demo" not in out
+    assert "estimator stride 8, one estimate per KV head" in _field(out, "PSA")
     density = float(re.match(r"([0-9.]+) \(sparsity", _field(out, "density")).group(1))
     assert density < 0.9  # quota-0.2 really skips and pools blocks
     assert "x language-model prefill" in _field(out, "speed-up")
