@@ -114,7 +114,7 @@ class PSAConfig:
             28 query / 4 KV heads); the attend stage is unchanged. Identical to ``"query"`` when ``G = 1``. The
             group's heads then read the same blocks at the same factors, however different their attention
             patterns: on synthetic video-like inputs whose 7 query heads per group are independent random
-            projections (a worst case for sharing) its attention error against dense attention is 24x that of
+            projections (unfavourable to sharing) its attention error against dense attention is 24x that of
             ``"query"``, while ``stride=32`` costs 1.3-1.5x as much as it with 1.3x the error of ``"query"``
             (``eval/results/FIDELITY.md``, "Cheaper estimators at the 7B group size"). Set it with
             ``PSAConfig.preset(name, estimate_heads="kv")``, ``"estimate_heads": "kv"`` in a JSON config or
