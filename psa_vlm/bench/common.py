@@ -70,7 +70,8 @@ def append_csv(path: Path, rows: Iterable[Dict], columns: List[str]) -> None:
         with path.open(newline="") as fh:
             reader = csv.DictReader(fh)
             old_columns = list(reader.fieldnames or [])
-            old_rows = list(reader)
+            # the rows are read only when the file has to be rewritten (the usual append reads the header alone)
+            old_rows = list(reader) if old_columns != list(columns) else []
         if old_columns != list(columns):
             columns = old_columns + [c for c in columns if c not in old_columns]
             tmp = path.with_name(path.name + ".tmp")  # replaced in one step: an interrupted run loses no row
