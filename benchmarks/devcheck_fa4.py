@@ -110,6 +110,8 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
     ap.add_argument("--presets", nargs="+", default=["quota-0.1", "quota-0.2", "quota-0.3", "binary-0.2"])
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--quick", action="store_true",
+                    help="only the shipped pooled factors: no hybrid variants, no per-level timings")
     args = ap.parse_args()
     from psa_vlm import PSAConfig
     from psa_vlm.api import run_psa
@@ -147,22 +149,42 @@ def main() -> int:
             kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, factors=plan.pool_factors, out=o)
             triton_ms = bench(lambda: tk.sparse_attention(q, k, v, plan.k_pooled, plan.v_pooled, plan.kv_idx,
                                                           plan.counts, **kw))
+            attend = lambda: fa4.sparse_attention(q, k, v, plan.k_pooled, plan.v_pooled,  # noqa: E731
+                                                  plan.kv_idx, plan.counts, **kw)
             variants = {}
-            for tp in ((), (8,), (4, 8)):
+            shipped = fa4.TRITON_POOLED_FACTORS
+            for tp in ((shipped,) if args.quick else ((), (8,), (4, 8))):
                 fa4.TRITON_POOLED_FACTORS = tp
-                variants[tp] = bench(lambda: fa4.sparse_attention(q, k, v, plan.k_pooled, plan.v_pooled,
-                                                                  plan.kv_idx, plan.counts, **kw))
+                variants[tp] = bench(attend)
             fa4.TRITON_POOLED_FACTORS = min(variants, key=variants.get)
             fa4_ms = variants[fa4.TRITON_POOLED_FACTORS]
             say(f"  {name}: attend by pooled factors on Triton: " +
                 ", ".join(f"{tp or 'none'} {ms:.2f} ms" for tp, ms in variants.items()))
-            lv = level_times(q, k, v, plan, cfg)
+            # the other launches on a side stream (CONCURRENT_LEVELS) against all on one stream: same outputs
+            conc = {}
+            outs_by = {}
+            for flag in (True, False):
+                fa4.CONCURRENT_LEVELS = flag
+                o.fill_(float("nan"))
+                attend()
+                outs_by[flag] = o.clone()
+                conc[flag] = (bench(attend), bench(lambda: run_psa(q, k, v, cfg, backend="fa4")))
+            fa4.CONCURRENT_LEVELS = True
+            same = bool(torch.equal(outs_by[True], outs_by[False])) and not torch.isnan(outs_by[True]).any()
+            ok &= same
+            ok_all &= same
+            say(f"  {name}: streams: attend {conc[True][0]:.3f} (side stream) vs {conc[False][0]:.3f} ms (one), "
+                f"whole call {conc[True][1]:.3f} vs {conc[False][1]:.3f} ms, outputs equal: {same}")
+            lv = {} if args.quick else level_times(q, k, v, plan, cfg)
             whole_fa4 = bench(lambda: run_psa(q, k, v, cfg, backend="fa4"))
             whole_triton = bench(lambda: run_psa(q, k, v, cfg, backend="triton"))
             ideal = dens * dense["cudnn"]
             row = dict(L=L, preset=name, density=dens, hist=hist, err=err, ok=ok, triton_ms=triton_ms, fa4_ms=fa4_ms,
                        hybrid={str(kk): vv for kk, vv in variants.items()},
-                       whole_fa4_ms=whole_fa4, whole_triton_ms=whole_triton, ideal_ms=ideal, **dense, **lv)
+                       whole_fa4_ms=whole_fa4, whole_triton_ms=whole_triton, ideal_ms=ideal,
+                       attend_side_stream_ms=conc[True][0], attend_one_stream_ms=conc[False][0],
+                       whole_side_stream_ms=conc[True][1], whole_one_stream_ms=conc[False][1], streams_equal=same,
+                       **dense, **lv)
             results.append(row)
             say(f"  {name}: dens {dens:.3f} err {err:.2e} triton {triton_ms:.2f} ({triton_ms / ideal:.2f}x ideal) "
                 f"fa4 {fa4_ms:.2f} ({fa4_ms / ideal:.2f}x) levels " +

@@ -66,6 +66,7 @@ __all__ = [
     "merge_levels",
     "attend_by_levels",
     "TRITON_POOLED_FACTORS",
+    "CONCURRENT_LEVELS",
     "POOLED_OVERRIDES",
     "pooled_engine",
     "pooled_launch",
@@ -523,6 +524,20 @@ def merge_levels(
 LevelFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 MergeFn = Callable[..., torch.Tensor]
 
+#: Issue the launches other than factor 1's on a second CUDA stream (``attend_by_levels``), so that they run on the
+#: SMs the factor-1 launch's last tiles leave idle instead of after it. ``False`` issues everything on the caller's
+#: stream. Outputs are the same either way (the same kernels on the same inputs; the merge's order is fixed).
+CONCURRENT_LEVELS: bool = True
+
+
+def _side_stream(q: torch.Tensor) -> Optional["torch.cuda.Stream"]:
+    """A stream from PyTorch's per-device pool for ``attend_by_levels``' other launches, or ``None`` (CPU tensors,
+    ``CONCURRENT_LEVELS`` off). Drawn per call: no stream is kept between calls."""
+    if not (CONCURRENT_LEVELS and q.is_cuda):
+        return None
+    return torch.cuda.Stream(device=q.device)
+
+
 
 def attend_by_levels(
     q: torch.Tensor,
@@ -563,15 +578,29 @@ def attend_by_levels(
     widths = [cdiv(Lk, block_k)] + [nkf if (p in factors and p not in tri) else 0 for p in FACTOR_ORDER[1:]]
     tail_from = FACTOR_ORDER.index(tri[0]) if (tri and nkf) else None
     lists = level_block_lists(kv_idx, counts, widths, tail_from=tail_from)
-    outs, lses, bias, used = [], [], [], []
+    side = _side_stream(q)
+    main = torch.cuda.current_stream(q.device) if side is not None else None
+    if side is not None:
+        side.wait_stream(main)  # the lists, the pyramid and q / k / v are ready
+    # (output slot, launch); the merge reads the partials in slot order whatever the order of issue
+    jobs: List[Tuple[int, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]] = []
+    outs: List[Optional[torch.Tensor]] = []
+    lses: List[Optional[torch.Tensor]] = []
+    bias, used = [], []
+    first = None  # slot of the factor-1 launch
     if tail_from is not None:
         B, Hq, Lq, D = q.shape
         tcounts, tidx = lists[4]
         o_t = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device)
         lse_t = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-        pooled_launch(q, k, v, k_pooled, v_pooled, tidx, tcounts, out=o_t.transpose(1, 2), lse=lse_t)
-        outs.append(o_t)
-        lses.append(lse_t)
+
+        def _tail(o_t=o_t, lse_t=lse_t, tidx=tidx, tcounts=tcounts):
+            pooled_launch(q, k, v, k_pooled, v_pooled, tidx, tcounts, out=o_t.transpose(1, 2), lse=lse_t)
+            return o_t, lse_t
+
+        jobs.append((len(outs), _tail))
+        outs.append(None)
+        lses.append(None)
         bias.append(0.0)
         used.append(tcounts.sum(-1, dtype=torch.int32))
     for col, p in enumerate(FACTOR_ORDER):
@@ -580,15 +609,34 @@ def attend_by_levels(
         cnt, idx = lists[col]
         if p == 1:
             kl, vl = k, v
+            first = len(outs)
         else:
             rows = nkf * (block_k // p)
             kl = k_pooled[:, :, offs[p] : offs[p] + rows]
             vl = v_pooled[:, :, offs[p] : offs[p] + rows]
-        o, lse = launch(q, kl, vl, cnt, idx, block_q=block_q, block_kv=block_k // p, causal=p == 1, scale=scale)
-        outs.append(o)
-        lses.append(lse)
+
+        def _level(kl=kl, vl=vl, cnt=cnt, idx=idx, p=p):
+            return launch(q, kl, vl, cnt, idx, block_q=block_q, block_kv=block_k // p, causal=p == 1, scale=scale)
+
+        jobs.append((len(outs), _level))
+        outs.append(None)
+        lses.append(None)
         bias.append(math.log(p))
         used.append(cnt)
+    # with a side stream: factor 1 (the largest launch) is issued first on the caller's stream, the others on the
+    # side stream, where they take the SMs that factor 1's last tiles leave idle
+    jobs.sort(key=lambda job: job[0] != first)
+    for n, (slot, fn) in enumerate(jobs):
+        if side is None or n == 0:
+            outs[slot], lses[slot] = fn()
+            continue
+        with torch.cuda.stream(side):
+            o, lse = fn()
+        o.record_stream(main)  # allocated on the side stream, read by the merge on the caller's
+        lse.record_stream(main)
+        outs[slot], lses[slot] = o, lse
+    if side is not None:
+        main.wait_stream(side)
     return merge(outs, lses, bias, used, block_q, out)
 
 
