@@ -1,0 +1,126 @@
+"""A/B of the fa4 attend stage's side stream (``fa4.CONCURRENT_LEVELS``) on a GPU: developer check, not a test.
+
+The H200's SM clock moves with power (1.4-1.98 GHz under these loads), so the two issue orders are timed
+*interleaved*: every round times one with the side stream, then one without, and the report gives the median of
+each and the median of the per-round ratios.
+
+1. ``run_psa`` (video-like bf16 Q/K/V, Qwen2.5-VL-7B attention shapes, fa4 backend) at each length and preset:
+   ``--loop`` calls back to back between two events per sample, as in a model; the outputs of both orders must be
+   equal bit for bit.
+2. Time to first token of bench-prefill's 28-layer Qwen2.5-VL-7B-shaped model (random weights) patched with
+   ``--prefill-preset`` at each length: one prefill per order per round; first-token logits of both orders must
+   be equal.
+
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/devcheck_streams.py [--lengths 65536 131072] [--out DIR]
+
+Writes ``devcheck_streams_<commit>.json`` into ``--out``. This is a command-line report: it prints by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+
+def _events_ms(fn, n: int) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / n
+
+
+def _ab(fn, rounds: int, n: int) -> dict:
+    """Interleaved samples of ``fn`` with the side stream on / off."""
+    from psa_vlm.kernels.attention import fa4
+
+    on, off = [], []
+    for _ in range(rounds):
+        for flag, acc in ((True, on), (False, off)):
+            fa4.CONCURRENT_LEVELS = flag
+            acc.append(_events_ms(fn, n))
+    fa4.CONCURRENT_LEVELS = True
+    ratios = [a / b for a, b in zip(on, off)]
+    return dict(side_ms=statistics.median(on), one_ms=statistics.median(off), ratio=statistics.median(ratios),
+                side_samples=on, one_samples=off)
+
+
+def _same(fn) -> bool:
+    from psa_vlm.kernels.attention import fa4
+
+    outs = []
+    for flag in (True, False):
+        fa4.CONCURRENT_LEVELS = flag
+        outs.append(fn().clone())
+    fa4.CONCURRENT_LEVELS = True
+    return bool(torch.equal(outs[0], outs[1])) and bool(torch.isfinite(outs[0]).all())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
+    ap.add_argument("--presets", nargs="+", default=["quota-0.1", "quota-0.2", "quota-0.3"])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--loop", type=int, default=10)
+    ap.add_argument("--prefill-preset", default="quota-0.2")
+    ap.add_argument("--prefill-rounds", type=int, default=5)
+    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    import triton
+
+    import psa_vlm
+    from psa_vlm import PSAConfig
+    from psa_vlm.api import run_psa
+    from psa_vlm.bench.prefill import build_model, prefill
+    from psa_vlm.bench.synthetic import video_like_embeddings, video_like_qkv
+
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "commit": os.environ.get("PSA_VLM_COMMIT", ""), "layer": [], "prefill": []}
+    ok = True
+    for L in args.lengths:
+        q, k, v = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device="cuda", seed=L)
+        for name in args.presets:
+            cfg = PSAConfig.preset(name)
+            fn = lambda: run_psa(q, k, v, cfg, backend="fa4")[0]  # noqa: E731
+            same = _same(fn)
+            ok &= same
+            r = dict(L=L, preset=name, same=same, **_ab(fn, args.rounds, args.loop))
+            res["layer"].append(r)
+            print(f"L={L} {name}: run_psa side stream {r['side_ms']:.3f} ms, one stream {r['one_ms']:.3f} ms, "
+                  f"ratio {r['ratio']:.4f}, outputs equal {same}", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    if not args.no_prefill:
+        model = build_model(None, None, "qwen2_5_vl")
+        hidden = model.config.get_text_config().hidden_size
+        psa_vlm.patch(model, PSAConfig.preset(args.prefill_preset), backend="auto")
+        for L in args.lengths:
+            embeds = video_like_embeddings(L, hidden, text_tokens=512, dtype=torch.bfloat16, device="cuda", seed=L)
+            fn = lambda: prefill(model, embeds)  # noqa: E731
+            same = _same(fn)
+            ok &= same
+            r = dict(L=L, preset=args.prefill_preset, same=same, **_ab(fn, args.prefill_rounds, 1))
+            res["prefill"].append(r)
+            print(f"L={L} prefill {args.prefill_preset}: TTFT side stream {r['side_ms']:.1f} ms, one stream "
+                  f"{r['one_ms']:.1f} ms, ratio {r['ratio']:.4f}, logits equal {same}", flush=True)
+            del embeds
+            torch.cuda.empty_cache()
+    res["ok"] = ok
+    path = os.path.join(args.out, f"devcheck_streams_{res['commit'] or 'unknown'}.json")
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print("ALL CHECKS " + ("PASS" if ok else "FAIL"), "->", path)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
