@@ -90,6 +90,35 @@ def test_level_lists_split_by_factor(path, monkeypatch):
                     assert idx[b, h, i, : int(cnt[b, h, i])].tolist() == want
 
 
+def test_factor_one_is_issued_first_and_cpu_uses_one_stream(monkeypatch):
+    """``attend_by_levels`` issues the factor-1 launch first (on the caller's stream), then the others; on CPU
+    tensors there is no side stream. The merge still receives the partials in level order (checked against the
+    reference)."""
+    torch.manual_seed(11)
+    B, Hq, Hkv, L, D, bq, bk = 1, 2, 1, 130, 16, 16, 16
+    q, k, v = rand_qkv(B, Hq, Hkv, L, L, D, torch.float32)
+    _, kv_idx, counts = random_lists(B, Hq, L, L, bq, bk, probs=(0.3, 0.2, 0.2, 0.2, 0.1))
+    assert fa4.CONCURRENT_LEVELS is True and fa4._side_stream(q) is None
+    issued = []
+
+    def launch(q_, k_, v_, cnt, idx, **kw):
+        issued.append(("level", kw["block_kv"]))
+        return fa4.emulate_level(q_, k_, v_, cnt, idx, **kw)
+
+    def pooled(*a, **kw):
+        issued.append(("pooled", None))
+        return fa4.triton_pooled_launch(*a, block_q=bq, block_k=bk, factors=ALL_POOL, scale=1 / math.sqrt(D), **kw)
+
+    kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=ALL_POOL)
+    out = torch.full((B, L, Hq, D), float("nan")).transpose(1, 2)
+    got = fa4.attend_by_levels(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=ALL_POOL,
+                               scale=1 / math.sqrt(D), out=out, launch=launch, merge=fa4.merge_levels_reference,
+                               pooled_launch=pooled, pooled_factors=(4, 8))
+    assert issued == [("level", bk), ("pooled", None), ("level", bk // 2)]
+    ref = sparse_attention_ref(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=ALL_POOL)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_merge_handles_unused_levels_empty_rows_and_nan():
     torch.manual_seed(5)
     B, Lq, Hq, D, bq = 1, 40, 2, 16, 16
@@ -428,6 +457,47 @@ def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype,
     assert torch.equal(torch.isinf(lse), torch.isinf(t_lse))
     fin = torch.isfinite(t_lse)
     assert float((lse[fin] - t_lse[fin]).abs().max()) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("caller_stream", [False, True])
+def test_side_stream_equals_one_stream_gpu(caller_stream, monkeypatch):
+    """The launches other than factor 1's run on a side stream (``CONCURRENT_LEVELS``): outputs equal the
+    one-stream order bit for bit, also when the caller works on its own stream (inputs written on it just
+    before the call, output read on it right after); every output poisoned first."""
+    _need_fa4()
+    from psa_vlm.bench.synthetic import video_like_qkv
+
+    torch.manual_seed(21)
+    L, Hq, Hkv, D, bq, bk = 6000, 28, 4, 128, 128, 128
+    q0, k0, v0 = video_like_qkv(1, Hq, Hkv, L, D, dtype=torch.bfloat16, device="cuda")
+    _, kv_idx, counts = random_lists(1, Hq, L, L, bq, bk, device="cuda")
+    streams_seen = []
+    real_level = fa4.flash_attn_level
+    monkeypatch.setattr(fa4, "flash_attn_level", lambda *a, **kw: (
+        streams_seen.append(torch.cuda.current_stream().cuda_stream), real_level(*a, **kw))[1])
+
+    def run(flag):
+        monkeypatch.setattr(fa4, "CONCURRENT_LEVELS", flag)
+        stream = torch.cuda.Stream() if caller_stream else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            q, k, v = (t * 1.0 for t in (q0, k0, v0))  # written on the caller's stream right before the call
+            kp, vp, _ = pyramid_pool(k, v, block_k=bk, factors=ALL_POOL)
+            out = torch.full((1, L, Hq, D), float("nan"), dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+            fa4.sparse_attention(q, k, v, kp, vp, kv_idx, counts, block_q=bq, block_k=bk, factors=ALL_POOL, out=out)
+            res = out.clone()  # read on the caller's stream right after
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        return res, stream.cuda_stream
+
+    got, caller = run(True)
+    assert len(set(streams_seen)) == 2 and streams_seen[0] == caller  # factor 1 on the caller's, factor 2 aside
+    streams_seen.clear()
+    want, caller = run(False)
+    assert set(streams_seen) == {caller}
+    assert not torch.isnan(got).any()
+    assert torch.equal(got, want)
 
 
 @pytest.mark.gpu
