@@ -565,12 +565,12 @@ def attend_by_levels(
     Every enabled factor is launched even where no row lists it (no host synchronisation to find out); its
     count-0 rows cost one early exit per program and get weight 0 in the merge.
 
-    Issue order: the factor-1 launch first, on the caller's stream; with ``CONCURRENT_LEVELS`` (default) and CUDA
-    tensors the other launches then go to a side stream from PyTorch's pool, which waits for the caller's stream
-    first, and the caller's stream waits for it before the merge (their outputs are marked as used there), so
-    they run on the SMs that factor 1's last tiles leave idle. Outputs are the same either way. Measured on an
-    H200: 0.6-2.0% less time per ``run_psa`` call at 64k / 128k, 0.5% of the 64k TTFT
-    (``eval/results/devcheck_streams_aac386c.json``).
+    Issue order: the factor-1 launch first, on the caller's stream. With ``CONCURRENT_LEVELS`` (default), CUDA
+    tensors and more than one launch, the others go to a side stream from PyTorch's pool, which first waits for
+    the caller's stream; the caller's stream waits for the side stream before the merge (the side outputs are
+    marked as used there). They then run on the SMs that factor 1's last tiles leave idle. Outputs are the same
+    either way. Measured on an H200: 0.6-2.0% less time per ``run_psa`` call at 64k / 128k tokens, 0.5% less
+    TTFT at 64k and none at 128k (``eval/results/devcheck_streams_aac386c.json``, interleaved A/B).
 
     ``pooled_launch`` (with ``pooled_factors``, the largest factors, e.g. ``(4, 8)``) runs those factors in one
     launch instead: ``pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx_t, counts_t, out=[B, Hq, Lq, D] view,
@@ -587,10 +587,6 @@ def attend_by_levels(
     widths = [cdiv(Lk, block_k)] + [nkf if (p in factors and p not in tri) else 0 for p in FACTOR_ORDER[1:]]
     tail_from = FACTOR_ORDER.index(tri[0]) if (tri and nkf) else None
     lists = level_block_lists(kv_idx, counts, widths, tail_from=tail_from)
-    side = _side_stream(q)
-    main = torch.cuda.current_stream(q.device) if side is not None else None
-    if side is not None:
-        side.wait_stream(main)  # the lists, the pyramid and q / k / v are ready
     # (output slot, launch); the merge reads the partials in slot order whatever the order of issue
     jobs: List[Tuple[int, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]] = []
     outs: List[Optional[torch.Tensor]] = []
@@ -632,9 +628,13 @@ def attend_by_levels(
         lses.append(None)
         bias.append(math.log(p))
         used.append(cnt)
-    # with a side stream: factor 1 (the largest launch) is issued first on the caller's stream, the others on the
-    # side stream, where they take the SMs that factor 1's last tiles leave idle
+    # factor 1 (the largest launch) is issued first on the caller's stream; with a side stream the others go there,
+    # where they take the SMs that factor 1's last tiles leave idle
     jobs.sort(key=lambda job: job[0] != first)
+    side = _side_stream(q) if len(jobs) > 1 else None
+    main = torch.cuda.current_stream(q.device) if side is not None else None
+    if side is not None:
+        side.wait_stream(main)  # the lists, the pyramid and q / k / v are ready
     for n, (slot, fn) in enumerate(jobs):
         if side is None or n == 0:
             outs[slot], lses[slot] = fn()
