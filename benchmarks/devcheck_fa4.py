@@ -111,7 +111,9 @@ def main() -> int:
     ap.add_argument("--presets", nargs="+", default=["quota-0.1", "quota-0.2", "quota-0.3", "binary-0.2"])
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--quick", action="store_true",
-                    help="only the shipped pooled factors: no hybrid variants, no per-level timings")
+                    help="no per-level timings, and only the shipped pooled factors unless --hybrids is given")
+    ap.add_argument("--hybrids", nargs="+", default=None,
+                    help="pooled-launch factor sets to time, e.g. none 8 4-8 2-4-8 (default: none 8 4-8)")
     args = ap.parse_args()
     from psa_vlm import PSAConfig
     from psa_vlm.api import run_psa
@@ -153,11 +155,20 @@ def main() -> int:
                                                   plan.kv_idx, plan.counts, **kw)
             variants = {}
             shipped = fa4.TRITON_POOLED_FACTORS
-            for tp in ((shipped,) if args.quick else ((), (8,), (4, 8))):
+            if args.hybrids:
+                hybrids = [() if h == "none" else tuple(int(x) for x in h.split("-")) for h in args.hybrids]
+            else:
+                hybrids = [shipped] if args.quick else [(), (8,), (4, 8)]
+            for tp in hybrids:
                 fa4.TRITON_POOLED_FACTORS = tp
+                err_tp = check_fa4(q, k, v, plan, cfg) if tp != shipped else err  # every variant checked
+                if not (err_tp == err_tp and err_tp < 1e-2):
+                    say(f"  {name}: pooled factors {tp or 'none'} FAILED its check (err {err_tp:.2e}); not timed")
+                    ok = ok_all = False
+                    continue
                 variants[tp] = bench(attend)
-            fa4.TRITON_POOLED_FACTORS = min(variants, key=variants.get)
-            fa4_ms = variants[fa4.TRITON_POOLED_FACTORS]
+            fa4.TRITON_POOLED_FACTORS = min(variants, key=variants.get) if variants else shipped
+            fa4_ms = variants.get(fa4.TRITON_POOLED_FACTORS, float("nan"))
             say(f"  {name}: attend by pooled factors on Triton: " +
                 ", ".join(f"{tp or 'none'} {ms:.2f} ms" for tp, ms in variants.items()))
             # the other launches on a side stream (CONCURRENT_LEVELS) against all on one stream: same outputs
