@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -65,6 +66,9 @@ def main() -> int:
     ap.add_argument("--preset", default="quota-0.2")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--loop", type=int, default=10, help="back-to-back run_psa calls per timed loop")
+    ap.add_argument("--reps", type=int, default=0,
+                    help="timed repetitions of the prefill and run_psa timings (default 3 / 5); more for clock "
+                         "sampling beside the run: res['phases'] holds each timing's wall-clock start and end")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -83,7 +87,15 @@ def main() -> int:
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "length": args.length,
            "layers": args.layers, "preset": args.preset, "backend": args.backend,
            "commit": os.environ.get("PSA_VLM_COMMIT", "")}
-    res["dense_prefill_ms"] = _ms(lambda: prefill(model, embeds), 3)
+    phases = res["phases"] = []
+
+    def timed(name, fn, reps):
+        t0 = time.time()
+        out = _ms(fn, args.reps or reps)
+        phases.append([name, t0, time.time()])
+        return out
+
+    res["dense_prefill_ms"] = timed("dense_prefill", lambda: prefill(model, embeds), 3)
     cfg = PSAConfig.preset(args.preset)
     psa_vlm.patch(model, cfg, backend=args.backend)
     captured = {}
@@ -95,7 +107,7 @@ def main() -> int:
 
     with psa_vlm.observe(model, grab):
         prefill(model, embeds)
-    res["psa_prefill_ms"] = _ms(lambda: prefill(model, embeds), 3)
+    res["psa_prefill_ms"] = timed("psa_prefill", lambda: prefill(model, embeds), 3)
     q, k, v, scale = captured["q"], captured["k"], captured["v"], captured["scale"]
     res["layouts"] = {n: [list(t.shape), list(t.stride())] for n, t in (("q", q), ("k", k), ("v", v))}
     res["engine"] = captured["engine"]
@@ -103,9 +115,10 @@ def main() -> int:
     call = lambda: run_psa(q, k, v, cfg, scale=scale, backend=args.backend, out=buf.transpose(1, 2))  # noqa: E731
     call()
     res["same_output"] = bool(torch.equal(buf, captured["out"]))
-    res["run_psa_ms"] = _ms(call)
+    res["run_psa_ms"] = timed("run_psa", call, 5)
     qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
-    res["run_psa_contiguous_ms"] = _ms(lambda: run_psa(qc, kc, vc, cfg, scale=scale, backend=args.backend))
+    res["run_psa_contiguous_ms"] = timed("run_psa_contiguous",
+                                         lambda: run_psa(qc, kc, vc, cfg, scale=scale, backend=args.backend), 5)
 
     def loop_ms(c) -> float:
         for _ in range(2):
@@ -119,8 +132,12 @@ def main() -> int:
         torch.cuda.synchronize()
         return a.elapsed_time(b) / args.loop
 
+    t0 = time.time()
     res["run_psa_loop_ms"] = sorted(loop_ms(cfg) for _ in range(3))[1]
+    phases.append(["run_psa_loop", t0, time.time()])
+    t0 = time.time()
     res["run_psa_loop_no_guard_ms"] = sorted(loop_ms(cfg.replace(dense_guard=False)) for _ in range(3))[1]
+    phases.append(["run_psa_loop_no_guard", t0, time.time()])
     for key, fn in (("patched_prefill_kernels", lambda: prefill(model, embeds)), ("run_psa_kernels", call)):
         try:
             res[key] = _kernels(fn)
