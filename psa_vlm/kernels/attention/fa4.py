@@ -540,7 +540,6 @@ def _side_stream(q: torch.Tensor) -> Optional["torch.cuda.Stream"]:
     return torch.cuda.Stream(device=q.device)
 
 
-
 def attend_by_levels(
     q: torch.Tensor,
     k: torch.Tensor,
