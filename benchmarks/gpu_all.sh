@@ -12,6 +12,8 @@
 #              GEMM form, both checked, timed in the same run
 #   pooled     benchmarks/devcheck_gluon_pooled.py: the attend stage's pooled launch as a Gluon kernel (Hopper)
 #              against the Triton kernel, checked, timed alone and inside the fa4 attend stage
+#   streams    benchmarks/devcheck_streams.py: interleaved A/B of the fa4 attend stage's side stream (layer and
+#              28-layer prefill, outputs equal), the pattern for effects of 1-2% on a power-limited card
 #   lengths    benchmarks/devcheck_lengths.py: a new prompt length does not recompile the kernels
 #              (BACKEND=auto|triton|fa4, default auto)
 #   attention  psa-vlm bench-attention (every dense baseline, every stage, checked in the same run)
@@ -55,6 +57,8 @@ for part in $parts; do
       python3 benchmarks/devcheck_gluon_pooled.py ${OUT:+--out "$OUT"} 2>&1 | grep -v "Warning\|exe_args" || rc=1 ;;
     fa4)
       python3 benchmarks/devcheck_fa4.py ${OUT:+--out "$OUT"} 2>&1 | grep -v "Warning" || rc=1 ;;
+    streams)
+      python3 benchmarks/devcheck_streams.py ${OUT:+--out "$OUT"} 2>&1 | grep -v "Warning\|generate_mlir" || rc=1 ;;
     lengths)
       python3 benchmarks/devcheck_lengths.py --backend "${BACKEND:-auto}" ${OUT:+--out "$OUT"} 2>&1 \
         | grep -v "Warning" || rc=1 ;;
