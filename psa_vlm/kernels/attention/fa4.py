@@ -586,10 +586,9 @@ def attend_by_levels(
     widths = [cdiv(Lk, block_k)] + [nkf if (p in factors and p not in tri) else 0 for p in FACTOR_ORDER[1:]]
     tail_from = FACTOR_ORDER.index(tri[0]) if (tri and nkf) else None
     lists = level_block_lists(kv_idx, counts, widths, tail_from=tail_from)
-    # (output slot, launch); the merge reads the partials in slot order whatever the order of issue
+    # (output slot, launch) with each slot's merge bias and used counts; the merge reads the partials in slot
+    # order whatever the order of issue
     jobs: List[Tuple[int, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]] = []
-    outs: List[Optional[torch.Tensor]] = []
-    lses: List[Optional[torch.Tensor]] = []
     bias, used = [], []
     first = None  # slot of the factor-1 launch
     if tail_from is not None:
@@ -602,9 +601,7 @@ def attend_by_levels(
             pooled_launch(q, k, v, k_pooled, v_pooled, tidx, tcounts, out=o_t.transpose(1, 2), lse=lse_t)
             return o_t, lse_t
 
-        jobs.append((len(outs), _tail))
-        outs.append(None)
-        lses.append(None)
+        jobs.append((len(bias), _tail))
         bias.append(0.0)
         used.append(tcounts.sum(-1, dtype=torch.int32))
     for col, p in enumerate(FACTOR_ORDER):
@@ -613,7 +610,7 @@ def attend_by_levels(
         cnt, idx = lists[col]
         if p == 1:
             kl, vl = k, v
-            first = len(outs)
+            first = len(bias)
         else:
             rows = nkf * (block_k // p)
             kl = k_pooled[:, :, offs[p] : offs[p] + rows]
@@ -622,14 +619,14 @@ def attend_by_levels(
         def _level(kl=kl, vl=vl, cnt=cnt, idx=idx, p=p):
             return launch(q, kl, vl, cnt, idx, block_q=block_q, block_kv=block_k // p, causal=p == 1, scale=scale)
 
-        jobs.append((len(outs), _level))
-        outs.append(None)
-        lses.append(None)
+        jobs.append((len(bias), _level))
         bias.append(math.log(p))
         used.append(cnt)
     # factor 1 (the largest launch) is issued first on the caller's stream; with a side stream the others go there,
     # where they take the SMs that factor 1's last tiles leave idle
     jobs.sort(key=lambda job: job[0] != first)
+    outs: List[Optional[torch.Tensor]] = [None] * len(jobs)
+    lses: List[Optional[torch.Tensor]] = [None] * len(jobs)
     side = _side_stream(q) if len(jobs) > 1 else None
     main = torch.cuda.current_stream(q.device) if side is not None else None
     if side is not None:
