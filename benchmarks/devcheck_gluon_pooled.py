@@ -44,9 +44,10 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
     return lists[4]  # (counts, idx)
 
 
-#: kernel variants checked and timed: the shipped tiles, and 3-slot rings (more loads in flight; measured equal)
-VARIANTS = {"default": {}, "k3v3": dict(NSK=3, NSV=3)}
-TIMED = tuple(VARIANTS)
+#: kernel variants checked: the shipped tiles, P through shared memory (FlashAttention-3's order of the softmax and
+#: the previous tile's P V; ``NOTES_fa4.md`` v9), and 3-slot rings (more loads in flight; measured equal in v6c)
+VARIANTS = {"default": {}, "psmem": dict(P_SMEM=True), "k3v3": dict(NSK=3, NSV=3)}
+TIMED = ("default", "psmem")
 
 
 def run_gluon(q, k, kp, vp, tidx, tcounts, bq, bk, factors, variant, lse=True):
@@ -164,6 +165,8 @@ def timings(lengths, presets) -> list:
             for label, pl, pf in (
                 ("attend_triton48", functools.partial(fa4.triton_pooled_launch, scale=scale, **kw), (4, 8)),
                 ("attend_gluon48", functools.partial(hopper.pooled_launch, scale=scale, **kw), (4, 8)),
+                ("attend_gluon48_psmem", functools.partial(hopper.pooled_launch, scale=scale,
+                                                           tiles=dict(hopper.TILES, P_SMEM=True), **kw), (4, 8)),
                 ("attend_gluon248", functools.partial(hopper.pooled_launch, scale=scale, **kw), (2, 4, 8)),
             ):
                 o = torch.full_like(q, float("nan"))

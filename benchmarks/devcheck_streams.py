@@ -1,19 +1,21 @@
-"""A/B of the fa4 attend stage's side stream (``fa4.CONCURRENT_LEVELS``) on a GPU: developer check, not a test.
+"""Interleaved A/B of a switch in the fa4 attend stage on a GPU: developer check, not a test.
 
-The H200's SM clock moves with power (1.4-1.98 GHz under these loads), so the two issue orders are timed
-*interleaved*: every round times one with the side stream, then one without, and the report gives the median of
-each and the median of the per-round ratios.
+``--ab streams`` (default): the side stream (``fa4.CONCURRENT_LEVELS``) on / off. ``--ab psmem``: the pooled Gluon
+kernel's consumer with ``P`` through shared memory (``fa4.POOLED_OVERRIDES["GLUON_TILES"]["P_SMEM"]``) on / off.
+The H200's SM clock moves with power (1.4-1.98 GHz under these loads), so A and B are timed *interleaved*: every
+round times A, then B, and the report gives the median of each and the median of the per-round ratios A / B.
 
 1. ``run_psa`` (video-like bf16 Q/K/V, Qwen2.5-VL-7B attention shapes, fa4 backend) at each length and preset:
-   ``--loop`` calls back to back between two events per sample, as in a model; the outputs of both orders must be
+   ``--loop`` calls back to back between two events per sample, as in a model; the outputs of A and B must be
    equal bit for bit.
 2. Time to first token of bench-prefill's 28-layer Qwen2.5-VL-7B-shaped model (random weights) patched with
-   ``--prefill-preset`` at each length: one prefill per order per round; first-token logits of both orders must
-   be equal.
+   ``--prefill-preset`` at each length: one prefill per side per round; first-token logits of A and B must be
+   equal.
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/devcheck_streams.py [--lengths 65536 131072] [--out DIR]
 
-Writes ``devcheck_streams_<commit>.json`` into ``--out``. This is a command-line report: it prints by design.
+Writes ``devcheck_streams_<commit>.json`` (``devcheck_streams_psmem_<commit>.json``) into ``--out``. This is a
+command-line report: it prints by design.
 """
 
 from __future__ import annotations
@@ -38,29 +40,39 @@ def _events_ms(fn, n: int) -> float:
     return a.elapsed_time(b) / n
 
 
-def _ab(fn, rounds: int, n: int) -> dict:
-    """Interleaved samples of ``fn`` with the side stream on / off."""
+#: What ``--ab`` switches: (label of A, label of B, setter(flag) where flag True selects A).
+def _switches():
     from psa_vlm.kernels.attention import fa4
 
-    on, off = [], []
+    def streams(flag):
+        fa4.CONCURRENT_LEVELS = flag
+
+    def psmem(flag):  # the pooled Gluon kernel's consumer with P through shared memory (NOTES_fa4.md v9)
+        fa4.POOLED_OVERRIDES = {"GLUON_TILES": {"P_SMEM": True}} if flag else {}
+
+    return {"streams": ("side stream", "one stream", streams, True),
+            "psmem": ("P in shared memory", "P in registers", psmem, False)}
+
+
+def _ab(fn, setter, default, rounds: int, n: int) -> dict:
+    """Interleaved samples of ``fn`` with A (``setter(True)``) and B (``setter(False)``); restores ``default``."""
+    a_ms, b_ms = [], []
     for _ in range(rounds):
-        for flag, acc in ((True, on), (False, off)):
-            fa4.CONCURRENT_LEVELS = flag
+        for flag, acc in ((True, a_ms), (False, b_ms)):
+            setter(flag)
             acc.append(_events_ms(fn, n))
-    fa4.CONCURRENT_LEVELS = True
-    ratios = [a / b for a, b in zip(on, off)]
-    return dict(side_ms=statistics.median(on), one_ms=statistics.median(off), ratio=statistics.median(ratios),
-                side_samples=on, one_samples=off)
+    setter(default)
+    ratios = [a / b for a, b in zip(a_ms, b_ms)]
+    return dict(a_ms=statistics.median(a_ms), b_ms=statistics.median(b_ms), ratio=statistics.median(ratios),
+                a_samples=a_ms, b_samples=b_ms)
 
 
-def _same(fn) -> bool:
-    from psa_vlm.kernels.attention import fa4
-
+def _same(fn, setter, default) -> bool:
     outs = []
     for flag in (True, False):
-        fa4.CONCURRENT_LEVELS = flag
+        setter(flag)
         outs.append(fn().clone())
-    fa4.CONCURRENT_LEVELS = True
+    setter(default)
     return bool(torch.equal(outs[0], outs[1])) and bool(torch.isfinite(outs[0]).all())
 
 
@@ -73,6 +85,8 @@ def main() -> int:
     ap.add_argument("--prefill-preset", default="quota-0.2")
     ap.add_argument("--prefill-rounds", type=int, default=5)
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--ab", choices=["streams", "psmem"], default="streams",
+                    help="streams: fa4.CONCURRENT_LEVELS on / off; psmem: the pooled Gluon kernel's P_SMEM on / off")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     import triton
@@ -83,19 +97,21 @@ def main() -> int:
     from psa_vlm.bench.prefill import build_model, prefill
     from psa_vlm.bench.synthetic import video_like_embeddings, video_like_qkv
 
+    label_a, label_b, setter, default = _switches()[args.ab]
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": os.environ.get("PSA_VLM_COMMIT", ""), "layer": [], "prefill": []}
+           "commit": os.environ.get("PSA_VLM_COMMIT", ""), "ab": args.ab, "a": label_a, "b": label_b,
+           "layer": [], "prefill": []}
     ok = True
     for L in args.lengths:
         q, k, v = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device="cuda", seed=L)
         for name in args.presets:
             cfg = PSAConfig.preset(name)
             fn = lambda: run_psa(q, k, v, cfg, backend="fa4")[0]  # noqa: E731
-            same = _same(fn)
+            same = _same(fn, setter, default)
             ok &= same
-            r = dict(L=L, preset=name, same=same, **_ab(fn, args.rounds, args.loop))
+            r = dict(L=L, preset=name, same=same, **_ab(fn, setter, default, args.rounds, args.loop))
             res["layer"].append(r)
-            print(f"L={L} {name}: run_psa side stream {r['side_ms']:.3f} ms, one stream {r['one_ms']:.3f} ms, "
+            print(f"L={L} {name}: run_psa {label_a} {r['a_ms']:.3f} ms, {label_b} {r['b_ms']:.3f} ms, "
                   f"ratio {r['ratio']:.4f}, outputs equal {same}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
@@ -106,16 +122,17 @@ def main() -> int:
         for L in args.lengths:
             embeds = video_like_embeddings(L, hidden, text_tokens=512, dtype=torch.bfloat16, device="cuda", seed=L)
             fn = lambda: prefill(model, embeds)  # noqa: E731
-            same = _same(fn)
+            same = _same(fn, setter, default)
             ok &= same
-            r = dict(L=L, preset=args.prefill_preset, same=same, **_ab(fn, args.prefill_rounds, 1))
+            r = dict(L=L, preset=args.prefill_preset, same=same, **_ab(fn, setter, default, args.prefill_rounds, 1))
             res["prefill"].append(r)
-            print(f"L={L} prefill {args.prefill_preset}: TTFT side stream {r['side_ms']:.1f} ms, one stream "
-                  f"{r['one_ms']:.1f} ms, ratio {r['ratio']:.4f}, logits equal {same}", flush=True)
+            print(f"L={L} prefill {args.prefill_preset}: TTFT {label_a} {r['a_ms']:.1f} ms, {label_b} "
+                  f"{r['b_ms']:.1f} ms, ratio {r['ratio']:.4f}, logits equal {same}", flush=True)
             del embeds
             torch.cuda.empty_cache()
     res["ok"] = ok
-    path = os.path.join(args.out, f"devcheck_streams_{res['commit'] or 'unknown'}.json")
+    tag = "" if args.ab == "streams" else f"_{args.ab}"
+    path = os.path.join(args.out, f"devcheck_streams{tag}_{res['commit'] or 'unknown'}.json")
     with open(path, "w") as fh:
         json.dump(res, fh, indent=1)
     print("ALL CHECKS " + ("PASS" if ok else "FAIL"), "->", path)

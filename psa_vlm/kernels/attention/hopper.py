@@ -163,6 +163,59 @@ def _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_til
 
 
 @gluon.jit
+def _ws_consumer_ps(q_smem, k_smem, v_smem, p_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale, r2, e4,
+                    n_rows, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSK: gl.constexpr,
+                    NSV: gl.constexpr, num_warps: gl.constexpr):
+    """MMA warps with ``P`` through shared memory (``P_SMEM``; FlashAttention-3's order, Shah et al. 2024, section
+    3.2): the logits of tile ``t`` and the ``P V`` product of tile ``t - 1`` issued together, the logits waited for,
+    the softmax of tile ``t`` run while ``P V`` is in flight, its ``P`` stored into the other of two shared-memory
+    slots, then ``P V`` waited for, the slots released and ``acc`` rescaled. ``P`` in registers (``_ws_consumer``)
+    keeps ptxas from overlapping anything with the softmax (``NOTES_fa4.md`` v9). Same arithmetic in the same order
+    as ``_ws_consumer``. Returns ``(acc, m_i, l_i)`` (exp2-domain statistics)."""
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BN, 16])
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, D, 16])
+    rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    rows_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+    cols_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    m_i = gl.full([BM], float("-inf"), gl.float32, rows_s)
+    l_i = gl.zeros([BM], gl.float32, rows_s)
+    acc = gl.zeros([BM, D], gl.float32, mma_o)
+    zero_s = gl.zeros([BM, BN], gl.float32, mma_s)
+    if n_tiles > 0:
+        mbarrier.wait(full_k.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        p, alpha, m_i, l_i = _softmax(s, 0, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)  # acc is 0: no rescale
+        p_smem.index(0).store(p.to(q_smem.dtype))
+        fence_async_shared()
+        _cta_barrier()  # P of tile 0 is written and both warpgroups are done with the K slot
+        mbarrier.arrive(empty_k.index(0))
+        for t in range(1, n_tiles):
+            sk = t % NSK
+            sv = (t - 1) % NSV
+            mbarrier.wait(full_k.index(sk), (t // NSK) & 1)
+            s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(full_v.index(sv), ((t - 1) // NSV) & 1)
+            acc = warpgroup_mma(p_smem.index((t - 1) % 2), v_smem.index(sv), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # the logits; P V stays in flight
+            p, alpha, m_i, l_i = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)
+            p_smem.index(t % 2).store(p.to(q_smem.dtype))  # its last reader, P V of tile t - 2, is done
+            fence_async_shared()
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            _cta_barrier()
+            mbarrier.arrive(empty_k.index(sk))
+            mbarrier.arrive(empty_v.index(sv))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        t = n_tiles - 1
+        mbarrier.wait(full_v.index(t % NSV), (t // NSV) & 1)
+        acc = warpgroup_mma(p_smem.index(t % 2), v_smem.index(t % NSV), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _epilogue(acc, m_i, l_i, n_bad, o_base, stride_om, l_base, row0, Lq, ROWS: gl.constexpr, D: gl.constexpr,
               HAS_LSE: gl.constexpr, num_warps: gl.constexpr):
     """Rows ``row0 ..`` of the output and their log-sum-exp. Rows that saw no key give zeros, a NaN/inf the row
@@ -202,7 +255,7 @@ def _pooled_gluon_kernel(
     D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_KV: gl.constexpr,
     CH: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
     NSK: gl.constexpr, NSV: gl.constexpr, PRODUCER_REGS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-    KV_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+    KV_LAYOUT: gl.constexpr, P_SMEM: gl.constexpr, P_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
 ):
     """One program per (batch x query head, query tile), heaviest query tiles first (the Triton kernel's grid):
     the query tile into shared memory, then ``_ws_consumer`` (the program's warps) and ``_ws_producer`` (one
@@ -266,13 +319,23 @@ def _pooled_gluon_kernel(
     fence_async_shared()
     _cta_barrier()
 
-    acc, m_i, l_i = gl.warp_specialize(
-        [(_ws_consumer, (q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale, r2, e4, n_rows,
-                         BM, BN, D, NSK, NSV, num_warps)),
-         (_ws_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1,
-                         c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN, CH, RP2, RP4, RP8,
-                         NCH, NSK, NSV))],
-        [1], [PRODUCER_REGS])
+    if P_SMEM:
+        p_smem = gl.allocate_shared_memory(k_desc.dtype, [2, BM, BN], P_LAYOUT)
+        acc, m_i, l_i = gl.warp_specialize(
+            [(_ws_consumer_ps, (q_smem, k_smem, v_smem, p_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale,
+                                r2, e4, n_rows, BM, BN, D, NSK, NSV, num_warps)),
+             (_ws_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie,
+                             c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN, CH, RP2,
+                             RP4, RP8, NCH, NSK, NSV))],
+            [1], [PRODUCER_REGS])
+    else:
+        acc, m_i, l_i = gl.warp_specialize(
+            [(_ws_consumer, (q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale, r2, e4,
+                             n_rows, BM, BN, D, NSK, NSV, num_warps)),
+             (_ws_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie,
+                             c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN, CH, RP2,
+                             RP4, RP8, NCH, NSK, NSV))],
+            [1], [PRODUCER_REGS])
     # every arrive and wait is done once the partitions have joined; PTX asks for mbarrier.inval before the
     # barriers' shared memory may be reused (the epilogue's layout conversion may use it)
     for si in gl.static_range(NSK):
@@ -287,7 +350,20 @@ def _pooled_gluon_kernel(
 
 #: Tiles (H200, ``NOTES_fa4.md`` v6): 128 query rows x 128 pyramid rows, 8 MMA warps (two warpgroups of 64 rows)
 #: plus the loader warp (88 registers: fewer spill its entry vectors), K and V double-buffered (3 slots: no gain).
-TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8)
+TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8, P_SMEM=False)
+
+
+#: Shared memory one CTA may use on Hopper (227 KB, the opt-in maximum of compute capability 9.0).
+SHARED_LIMIT = 227 * 1024
+
+
+def shared_bytes(tiles: dict, D: int) -> int:
+    """Shared memory the kernel allocates with ``tiles`` at head_dim ``D`` (bytes, 16-bit elements): the query
+    tile, the K and V rings, the two ``P`` slots with ``P_SMEM``, and 8 bytes per mbarrier (Triton rounds the
+    total up a little; the compile reports the exact figure)."""
+    BM, BN = tiles["BM"], tiles["BN"]
+    elems = BM * D + (tiles["NSK"] + tiles["NSV"]) * BN * D + (2 * BM * BN if tiles.get("P_SMEM") else 0)
+    return 2 * elems + 16 * (tiles["NSK"] + tiles["NSV"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,6 +398,9 @@ def pooled_unsupported(q: torch.Tensor, k_pooled: torch.Tensor, v_pooled: torch.
                 f"bk <= {2 * tiles['BN']})")
     if not (k_pooled.is_contiguous() and v_pooled.is_contiguous()):
         return "a non-contiguous pyramid"
+    smem = shared_bytes(tiles, D)
+    if smem > SHARED_LIMIT:
+        return f"tiles {tiles} need {smem} bytes of shared memory (at most {SHARED_LIMIT} per CTA on Hopper)"
     for name, t in (("out", out), ("lse", lse)):  # q is copied by ``pooled_launch`` if it must be
         if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
             return f"{name} with a non-contiguous last dimension"
@@ -369,7 +448,7 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
         D=D, BM=BM, BN=BN, BLOCK_Q=block_q, BLOCK_KV=block_k, CH=CH, HAS_P2=2 in pooled, HAS_P4=4 in pooled,
         HAS_P8=8 in pooled, HAS_LSE=lse is not None, NSK=tiles["NSK"], NSV=tiles["NSV"],
         PRODUCER_REGS=tiles["PRODUCER_REGS"], Q_LAYOUT=_nvmma_layout((BM, D), fp16), KV_LAYOUT=layout,
-        num_warps=tiles["num_warps"])
+        P_SMEM=bool(tiles.get("P_SMEM", False)), P_LAYOUT=_nvmma_layout((BM, BN), fp16), num_warps=tiles["num_warps"])
 
 
 def pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int, factors,
