@@ -16,6 +16,7 @@ Developer script, outside the package. Run on a Hopper GPU from the repository r
    warpgroups) and their numbers: ``psa_vlm/kernels/attention/NOTES_fa4.md`` v6.
 3. ``--new-lengths``: the first call of the kernel at each new prompt length against its second call (a new length
    must not compile it again).
+4. ``--profile``: only two launches of each timed variant at the first length and preset, for Nsight Compute.
 Prints JSON lines and a verdict; writes ``$OUT/devcheck_gluon_pooled.json``. Exits 1 when a check fails.
 This is a command-line report: it writes to stdout by design.
 """
@@ -216,15 +217,41 @@ def new_lengths(lengths) -> list:
     return rows
 
 
+def profile_launches(L: int, preset: str, tail=(4, 8), reps: int = 2) -> None:
+    """For Nsight Compute: the pooled launch of each timed variant ``reps`` times back to back (no checks, no
+    timing), variant after variant in ``TIMED`` order, at one length and preset, e.g.
+    ``ncu --clock-control none -k regex:_pooled_gluon_kernel -s 1 -c 3 --section WarpStateStats ...``."""
+    from psa_vlm import PSAConfig
+    from psa_vlm.api import run_psa
+    from psa_vlm.bench.synthetic import video_like_qkv
+
+    q, k, v = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device="cuda", seed=L)
+    cfg = PSAConfig.preset(preset)
+    _, plan = run_psa(q, k, v, cfg, backend="triton", plan_only=True)
+    tcounts, tidx = tail_list(plan.kv_idx, plan.counts, L, cfg.block_k, plan.pool_factors, tail)
+    for variant in TIMED:
+        say(f"profile: variant {variant}, launches {reps}")
+        for _ in range(reps):
+            run_gluon(q, k, plan.k_pooled, plan.v_pooled, tidx, tcounts, cfg.block_q, cfg.block_k, plan.pool_factors,
+                      variant)
+    torch.cuda.synchronize()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="*", default=[65536, 131072])
     ap.add_argument("--presets", nargs="+", default=["quota-0.2"])
     ap.add_argument("--new-lengths", type=int, nargs="*", default=[],
                     help="after the timings: first against second call at these prompt lengths (ms)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only launch each timed variant twice at the first length and preset (for Nsight Compute)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     import triton
+
+    if args.profile:
+        profile_launches(args.lengths[0], args.presets[0])
+        return 0
 
     say(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
         "commit", os.environ.get("PSA_VLM_COMMIT", "?"))
