@@ -45,10 +45,20 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
     return lists[4]  # (counts, idx)
 
 
-#: kernel variants checked: the shipped tiles, P through shared memory (FlashAttention-3's order of the softmax and
-#: the previous tile's P V; ``NOTES_fa4.md`` v9), and 3-slot rings (more loads in flight; measured equal in v6c)
-VARIANTS = {"default": {}, "psmem": dict(P_SMEM=True), "k3v3": dict(NSK=3, NSV=3)}
-TIMED = ("default", "psmem")
+#: kernel variants checked: the shipped tiles, the other grid (one program per query tile / a persistent grid of one
+#: program per multiprocessor; ``NOTES_fa4.md`` v9), and 3-slot rings (more loads in flight; measured equal in v6c)
+VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "k3v3": dict(NSK=3, NSV=3)}
+TIMED = ("default", "other_grid")
+
+
+def _tiles(variant: str) -> dict:
+    """``hopper.TILES`` with the variant's overrides; ``PROGRAMS_PER_SM=None`` flips the shipped grid (0 <-> 1)."""
+    from psa_vlm.kernels.attention import hopper
+
+    tiles = dict(hopper.TILES, **VARIANTS[variant])
+    if tiles["PROGRAMS_PER_SM"] is None:
+        tiles["PROGRAMS_PER_SM"] = 0 if hopper.TILES["PROGRAMS_PER_SM"] else 1
+    return tiles
 
 
 def run_gluon(q, k, kp, vp, tidx, tcounts, bq, bk, factors, variant, lse=True):
@@ -58,7 +68,7 @@ def run_gluon(q, k, kp, vp, tidx, tcounts, bq, bk, factors, variant, lse=True):
     o = torch.full((B, Lq, Hq, D), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
     l = torch.full((B, Hq, Lq), float("nan"), dtype=torch.float32, device=q.device) if lse else None
     hopper.pooled_launch(q, k, k, kp, vp, tidx, tcounts, out=o, lse=l, block_q=bq, block_k=bk, factors=factors,
-                         scale=1.0 / math.sqrt(D), tiles=dict(hopper.TILES, **VARIANTS[variant]))
+                         scale=1.0 / math.sqrt(D), tiles=_tiles(variant))
     return o, l
 
 
@@ -166,8 +176,8 @@ def timings(lengths, presets) -> list:
             for label, pl, pf in (
                 ("attend_triton48", functools.partial(fa4.triton_pooled_launch, scale=scale, **kw), (4, 8)),
                 ("attend_gluon48", functools.partial(hopper.pooled_launch, scale=scale, **kw), (4, 8)),
-                ("attend_gluon48_psmem", functools.partial(hopper.pooled_launch, scale=scale,
-                                                           tiles=dict(hopper.TILES, P_SMEM=True), **kw), (4, 8)),
+                ("attend_gluon48_other_grid", functools.partial(hopper.pooled_launch, scale=scale,
+                                                                tiles=_tiles("other_grid"), **kw), (4, 8)),
                 ("attend_gluon248", functools.partial(hopper.pooled_launch, scale=scale, **kw), (2, 4, 8)),
             ):
                 o = torch.full_like(q, float("nan"))

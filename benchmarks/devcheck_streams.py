@@ -1,7 +1,7 @@
 """Interleaved A/B of a switch in the fa4 attend stage on a GPU: developer check, not a test.
 
-``--ab streams`` (default): the side stream (``fa4.CONCURRENT_LEVELS``) on / off. ``--ab psmem``: the pooled Gluon
-kernel's consumer with ``P`` through shared memory (``fa4.POOLED_OVERRIDES["GLUON_TILES"]["P_SMEM"]``) on / off.
+``--ab streams`` (default): the side stream (``fa4.CONCURRENT_LEVELS``) on / off. ``--ab persistent``: the pooled
+Gluon kernel on a persistent grid against one program per query tile (``hopper.TILES["PROGRAMS_PER_SM"]`` 1 / 0).
 The H200's SM clock moves with power (1.4-1.98 GHz under these loads), so A and B are timed *interleaved*: every
 round times A, then B, and the report gives the median of each and the median of the per-round ratios A / B.
 
@@ -14,7 +14,7 @@ round times A, then B, and the report gives the median of each and the median of
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/devcheck_streams.py [--lengths 65536 131072] [--out DIR]
 
-Writes ``devcheck_streams_<commit>.json`` (``devcheck_streams_psmem_<commit>.json``) into ``--out``. This is a
+Writes ``devcheck_streams_<commit>.json`` (``devcheck_streams_persistent_<commit>.json``) into ``--out``. This is a
 command-line report: it prints by design.
 """
 
@@ -47,15 +47,16 @@ def _switches():
     def streams(flag):
         fa4.CONCURRENT_LEVELS = flag
 
-    def psmem(flag):  # the pooled Gluon kernel's consumer with P through shared memory (NOTES_fa4.md v9)
-        fa4.POOLED_OVERRIDES = {"GLUON_TILES": {"P_SMEM": True}} if flag else {}
+    def grid(flag):  # the pooled Gluon kernel's persistent grid (NOTES_fa4.md v9); None: the shipped grid
+        fa4.POOLED_OVERRIDES = {} if flag is None else {"GLUON_TILES": {"PROGRAMS_PER_SM": 1 if flag else 0}}
 
     return {"streams": ("side stream", "one stream", streams, True),
-            "psmem": ("P in shared memory", "P in registers", psmem, False)}
+            "persistent": ("persistent pooled grid", "one program per query tile", grid, None)}
 
 
 def _ab(fn, setter, default, rounds: int, n: int) -> dict:
-    """Interleaved samples of ``fn`` with A (``setter(True)``) and B (``setter(False)``); restores ``default``."""
+    """Interleaved samples of ``fn`` with A (``setter(True)``) and B (``setter(False)``); then ``setter(default)``
+    (``None``: the shipped setting)."""
     a_ms, b_ms = [], []
     for _ in range(rounds):
         for flag, acc in ((True, a_ms), (False, b_ms)):
@@ -85,8 +86,8 @@ def main() -> int:
     ap.add_argument("--prefill-preset", default="quota-0.2")
     ap.add_argument("--prefill-rounds", type=int, default=5)
     ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--ab", choices=["streams", "psmem"], default="streams",
-                    help="streams: fa4.CONCURRENT_LEVELS on / off; psmem: the pooled Gluon kernel's P_SMEM on / off")
+    ap.add_argument("--ab", choices=["streams", "persistent"], default="streams",
+                    help="streams: fa4.CONCURRENT_LEVELS on / off; persistent: the pooled Gluon kernel's grid")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     import triton

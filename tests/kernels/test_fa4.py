@@ -279,11 +279,11 @@ def test_pooled_unsupported_names_the_limit(pooled_as_on_hopper, monkeypatch):
     assert "lse with a non-contiguous" in hopper.pooled_unsupported(q, kp, vp, lse=lse, **kw)
     monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"BM": 256}})  # the effective tiles decide
     assert fa4.pooled_engine(q, kp, vp, **kw)[1] == "block_q 128 (a multiple of 256 only)"
-    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"P_SMEM": True}})  # fits, at D 128 too
+    assert hopper.shared_bytes(hopper.TILES, 128) <= hopper.SHARED_LIMIT
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"NSK": 3, "NSV": 3}})  # fits
     assert fa4.pooled_engine(q, kp, vp, **kw) == ("gluon", None)
-    assert hopper.shared_bytes(dict(hopper.TILES, P_SMEM=True), 128) <= hopper.SHARED_LIMIT
-    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"P_SMEM": True, "NSK": 6, "NSV": 6}})
-    assert "need 278720 bytes of shared memory" in fa4.pooled_engine(q, kp, vp, **kw)[1]  # D 64
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"NSK": 8, "NSV": 8}})
+    assert "need 278784 bytes of shared memory" in fa4.pooled_engine(q, kp, vp, **kw)[1]  # D 64
 
 
 def test_fa4_backend_runs_the_pooled_gluon_kernel_once(monkeypatch, pooled_as_on_hopper):
@@ -418,12 +418,13 @@ def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, 
         (1, 2, 1, 100, 5000, 128, torch.bfloat16, ALL_POOL, (4, 8)),  # one query block, a long list
     ],
 )
-@pytest.mark.parametrize("p_smem", [False, True])
-def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype, factors, tail, p_smem):
-    """The Gluon pooled kernel (``hopper.py``; ``p_smem``: its ``P_SMEM`` consumer) on pooled-only lists against the
-    float32 reference, outputs and log-sum-exps NaN-poisoned first; its log-sum-exp against the Triton kernel's.
-    Every pyramid row the list does not read holds NaN (``poison_unlisted``): none may leak (runs past a stream's end
-    load zeros)."""
+@pytest.mark.parametrize("per_sm", [0, 1, -3])
+def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype, factors, tail, per_sm):
+    """The Gluon pooled kernel (``hopper.py``) on pooled-only lists against the float32 reference, outputs and
+    log-sum-exps NaN-poisoned first; its log-sum-exp against the Triton kernel's. Every pyramid row the list does not
+    read holds NaN (``poison_unlisted``): none may leak (runs past a stream's end load zeros). ``per_sm``: one
+    program per query tile (0), the persistent grid (1), or 3 programs in all (-3: every program loops over many
+    query tiles, so the rings' slots and phases carry across them)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon pooled kernel needs a Hopper GPU")
     if fa4._pooled_gluon_import_error() is not None:
@@ -451,7 +452,8 @@ def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype,
     kp, vp = poison_unlisted(kp, vp, tidx, tcounts, bk, factors)
     scale = D ** -0.5
     outs = {}
-    gluon = functools.partial(hopper.pooled_launch, tiles=dict(hopper.TILES, P_SMEM=p_smem))
+    tiles = dict(hopper.TILES, PROGRAMS_PER_SM=per_sm) if per_sm >= 0 else dict(hopper.TILES, PROGRAMS=-per_sm)
+    gluon = functools.partial(hopper.pooled_launch, tiles=tiles)
     for name, launch in (("gluon", gluon), ("triton", fa4.triton_pooled_launch)):
         out = torch.full((B, Lq, Hq, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)
         lse = torch.full((B, Hq, Lq), float("nan"), device="cuda")

@@ -97,29 +97,32 @@ def _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN: gl.constexpr, cols_l:
 
 @gluon.jit
 def _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2, c4,
-                 r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN: gl.constexpr, CH: gl.constexpr,
-                 RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr, NCH: gl.constexpr, NSK: gl.constexpr,
-                 NSV: gl.constexpr):
-    """Loader warp: the list entries and the K / V runs of every tile into the rings (``NSK`` / ``NSV`` slots)."""
+                 r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN: gl.constexpr,
+                 CH: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr, NCH: gl.constexpr,
+                 NSK: gl.constexpr, NSV: gl.constexpr):
+    """Loader warp: the list entries and the K / V runs of every tile of one query tile into the rings (``NSK`` /
+    ``NSV`` slots); ``g0``: the tiles this program streamed before (ring slots and phases continue from it)."""
     rep_l: gl.constexpr = gl.BlockedLayout([NCH], [32], [1], [0])
     for t in range(0, n_tiles):
         rows = _tile_rows(idx_base, stride_ie, t, c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8,
                           BN, CH, RP2, RP4, RP8, NCH, rep_l)
-        sk = t % NSK
-        mbarrier.wait(empty_k.index(sk), ((t // NSK) & 1) ^ 1)  # the first round passes: the slots start empty
+        g = g0 + t
+        sk = g % NSK
+        mbarrier.wait(empty_k.index(sk), ((g // NSK) & 1) ^ 1)  # the first round passes: the slots start empty
         _issue(k_desc, k_smem.index(sk), full_k.index(sk), rows, True, CH, NCH, rep_l)
-        sv = t % NSV
-        mbarrier.wait(empty_v.index(sv), ((t // NSV) & 1) ^ 1)
+        sv = g % NSV
+        mbarrier.wait(empty_v.index(sv), ((g // NSV) & 1) ^ 1)
         _issue(v_desc, v_smem.index(sv), full_v.index(sv), rows, True, CH, NCH, rep_l)
 
 
 @gluon.jit
-def _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale, r2, e4, n_rows,
+def _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, g0, qk_scale, r2, e4, n_rows,
                  BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSK: gl.constexpr, NSV: gl.constexpr,
                  num_warps: gl.constexpr):
-    """MMA warps: logits of tile ``t + 1`` issued, softmax of tile ``t``, its ``P V`` product, both waited for,
-    then the K slot of tile ``t + 1`` and the V slot of tile ``t`` released to the loader (after a barrier of the
-    partition: both warpgroups are done with them). Returns ``(acc, m_i, l_i)`` (exp2-domain statistics)."""
+    """MMA warps on one query tile: logits of tile ``t + 1`` issued, softmax of tile ``t``, its ``P V`` product,
+    both waited for, then the K slot of tile ``t + 1`` and the V slot of tile ``t`` released to the loader (after a
+    barrier of the partition: both warpgroups are done with them); ``g0`` as in ``_ws_producer``. Returns
+    ``(acc, m_i, l_i)`` (exp2-domain statistics)."""
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BN, 16])
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -133,20 +136,22 @@ def _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_til
     acc = gl.zeros([BM, D], gl.float32, mma_o)
     zero_s = gl.zeros([BM, BN], gl.float32, mma_s)
     if n_tiles > 0:
-        mbarrier.wait(full_k.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sk0 = g0 % NSK
+        mbarrier.wait(full_k.index(sk0), (g0 // NSK) & 1)
+        s = warpgroup_mma(q_smem, k_smem.index(sk0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         _cta_barrier()  # both warpgroups are done with the slot
-        mbarrier.arrive(empty_k.index(0))
+        mbarrier.arrive(empty_k.index(sk0))
         for t in range(0, n_tiles - 1):
-            sv = t % NSV
-            sk1 = (t + 1) % NSK
-            mbarrier.wait(full_k.index(sk1), ((t + 1) // NSK) & 1)
+            g = g0 + t
+            sv = g % NSV
+            sk1 = (g + 1) % NSK
+            mbarrier.wait(full_k.index(sk1), ((g + 1) // NSK) & 1)
             s_nx = warpgroup_mma(q_smem, k_smem.index(sk1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             p, alpha, m_i, l_i = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
             pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
-            mbarrier.wait(full_v.index(sv), (t // NSV) & 1)
+            mbarrier.wait(full_v.index(sv), (g // NSV) & 1)
             acc = warpgroup_mma(pa, v_smem.index(sv), acc, is_async=True)
             s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_nx, acc))
             _cta_barrier()
@@ -156,62 +161,12 @@ def _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_til
         p, alpha, m_i, l_i = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
         pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
-        mbarrier.wait(full_v.index(t % NSV), (t // NSV) & 1)
-        acc = warpgroup_mma(pa, v_smem.index(t % NSV), acc, is_async=True)
+        g = g0 + t
+        mbarrier.wait(full_v.index(g % NSV), (g // NSV) & 1)
+        acc = warpgroup_mma(pa, v_smem.index(g % NSV), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    return acc, m_i, l_i
-
-
-@gluon.jit
-def _ws_consumer_ps(q_smem, k_smem, v_smem, p_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale, r2, e4,
-                    n_rows, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSK: gl.constexpr,
-                    NSV: gl.constexpr, num_warps: gl.constexpr):
-    """MMA warps with ``P`` through shared memory (``P_SMEM``; FlashAttention-3's order, Shah et al. 2024, section
-    3.2): the logits of tile ``t`` and the ``P V`` product of tile ``t - 1`` issued together, the logits waited for,
-    the softmax of tile ``t`` run while ``P V`` is in flight, its ``P`` stored into the other of two shared-memory
-    slots, then ``P V`` waited for, the slots released and ``acc`` rescaled. ``P`` in registers (``_ws_consumer``)
-    keeps ptxas from overlapping anything with the softmax (``NOTES_fa4.md`` v9). Same arithmetic in the same order
-    as ``_ws_consumer``. Returns ``(acc, m_i, l_i)`` (exp2-domain statistics)."""
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, BN, 16])
-    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, D, 16])
-    rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
-    rows_o: gl.constexpr = gl.SliceLayout(1, mma_o)
-    cols_s: gl.constexpr = gl.SliceLayout(0, mma_s)
-    m_i = gl.full([BM], float("-inf"), gl.float32, rows_s)
-    l_i = gl.zeros([BM], gl.float32, rows_s)
-    acc = gl.zeros([BM, D], gl.float32, mma_o)
-    zero_s = gl.zeros([BM, BN], gl.float32, mma_s)
-    if n_tiles > 0:
-        mbarrier.wait(full_k.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        p, alpha, m_i, l_i = _softmax(s, 0, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)  # acc is 0: no rescale
-        p_smem.index(0).store(p.to(q_smem.dtype))
-        fence_async_shared()
-        _cta_barrier()  # P of tile 0 is written and both warpgroups are done with the K slot
-        mbarrier.arrive(empty_k.index(0))
-        for t in range(1, n_tiles):
-            sk = t % NSK
-            sv = (t - 1) % NSV
-            mbarrier.wait(full_k.index(sk), (t // NSK) & 1)
-            s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(full_v.index(sv), ((t - 1) // NSV) & 1)
-            acc = warpgroup_mma(p_smem.index((t - 1) % 2), v_smem.index(sv), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # the logits; P V stays in flight
-            p, alpha, m_i, l_i = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)
-            p_smem.index(t % 2).store(p.to(q_smem.dtype))  # its last reader, P V of tile t - 2, is done
-            fence_async_shared()
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            _cta_barrier()
-            mbarrier.arrive(empty_k.index(sk))
-            mbarrier.arrive(empty_v.index(sv))
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-        t = n_tiles - 1
-        mbarrier.wait(full_v.index(t % NSV), (t // NSV) & 1)
-        acc = warpgroup_mma(p_smem.index(t % 2), v_smem.index(t % NSV), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        _cta_barrier()  # both warpgroups are done with the V slot (the next query tile of a persistent program)
+        mbarrier.arrive(empty_v.index(g % NSV))
     return acc, m_i, l_i
 
 
@@ -241,33 +196,16 @@ def _epilogue(acc, m_i, l_i, n_bad, o_base, stride_om, l_base, row0, Lq, ROWS: g
         gl.store(l_base + offs_m, lse, mask=row_ok)
 
 
-#: Length-derived integer arguments: not specialised, so a new prompt length does not compile again.
-_LENGTH_ARGS = ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch", "stride_cq", "stride_lb",
-                "stride_lh", "R", "Lq", "n_tiles_q", "oob_row", "off2", "off4", "off8")
-
-
-@gluon.jit(do_not_specialize=_LENGTH_ARGS)
-def _pooled_gluon_kernel(
-    q_ptr, k_desc, v_desc, idx_ptr, cnt_ptr, out_ptr, lse_ptr,
-    stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_ie,
-    stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-    Hq, G, Hkv, R, Lq, n_tiles_q, oob_row, qk_scale, off2, off4, off8,
-    D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_KV: gl.constexpr,
-    CH: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
-    NSK: gl.constexpr, NSV: gl.constexpr, PRODUCER_REGS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-    KV_LAYOUT: gl.constexpr, P_SMEM: gl.constexpr, P_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
-):
-    """One program per (batch x query head, query tile), heaviest query tiles first (the Triton kernel's grid):
-    the query tile into shared memory, then ``_ws_consumer`` (the program's warps) and ``_ws_producer`` (one
-    extra warp) on mbarrier rings, then the epilogue."""
-    NCH: gl.constexpr = BN // CH
-    RP2: gl.constexpr = BLOCK_KV // 2
-    RP4: gl.constexpr = BLOCK_KV // 4
-    RP8: gl.constexpr = BLOCK_KV // 8
-    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
-
-    pid_bh = gl.program_id(0)
-    tile_m = n_tiles_q - 1 - gl.program_id(1)  # heaviest (last) query tiles first
+@gluon.jit
+def _query_tile(item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, stride_cc,
+                BH, Hq, G, Hkv, R, n_tiles_q, BM: gl.constexpr, BLOCK_Q: gl.constexpr, RP2: gl.constexpr,
+                RP4: gl.constexpr, RP8: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr,
+                HAS_P8: gl.constexpr):
+    """Work item ``item`` of ``BH * n_tiles_q`` (heaviest query tiles first, the Triton kernel's order): ``(b64, h64,
+    tile_m, idx_base, c1, c2, c4, n_bad, r2, e4, n_rows, kv_row0)``, the stream's rows per factor included; a factor
+    missing from the pyramid counts its entries in ``n_bad`` (the rows become NaN) and streams nothing."""
+    tile_m = n_tiles_q - 1 - item // BH
+    pid_bh = item % BH
     i = tile_m // (BLOCK_Q // BM)
     b = pid_bh // Hq
     h = pid_bh % Hq
@@ -294,8 +232,87 @@ def _pooled_gluon_kernel(
         r8 = r8 * 0
     e4 = r2 + r4
     n_rows = e4 + r8
-    n_tiles = gl.cdiv(n_rows, BN)
     kv_row0 = (b * Hkv + h // G) * R
+    return b64, h64, tile_m, idx_base, c1, c2, c4, n_bad, r2, e4, n_rows, kv_row0
+
+
+@gluon.jit
+def _pp_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr, stride_ib,
+                 stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH, Hq, G, Hkv, R,
+                 n_tiles_q, n_items, oob_row, off2, off4, off8, BM: gl.constexpr, BN: gl.constexpr,
+                 BLOCK_Q: gl.constexpr, CH: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr,
+                 NCH: gl.constexpr, NSK: gl.constexpr, NSV: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr,
+                 HAS_P8: gl.constexpr):
+    """Loader warp over this program's query tiles (items ``program_id, + num_programs, ...``): each tile's K / V
+    runs into the rings, continuing into the next query tile while the MMA warps finish the previous one."""
+    g0 = 0
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        _, _, _, idx_base, c1, c2, c4, _, r2, e4, n_rows, kv_row0 = _query_tile(
+            item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, stride_cc, BH,
+            Hq, G, Hkv, R, n_tiles_q, BM, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
+        n_tiles = gl.cdiv(n_rows, BN)
+        _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2,
+                     c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN, CH, RP2, RP4, RP8, NCH,
+                     NSK, NSV)
+        g0 += n_tiles
+
+
+@gluon.jit
+def _pp_consumer(q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr, out_ptr,
+                 lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+                 stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, BH, Hq, G, Hkv, R, Lq,
+                 n_tiles_q, n_items, qk_scale, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                 BLOCK_Q: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr,
+                 HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
+                 NSK: gl.constexpr, NSV: gl.constexpr, num_warps: gl.constexpr):
+    """MMA warps over this program's query tiles: the query tile into shared memory, ``_ws_consumer`` on its stream,
+    then the epilogue (output rows and log-sum-exps)."""
+    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, io_l))
+    g0 = 0
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        b64, h64, tile_m, _, _, _, _, n_bad, r2, e4, n_rows, _ = _query_tile(
+            item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, stride_cc, BH,
+            Hq, G, Hkv, R, n_tiles_q, BM, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
+        n_tiles = gl.cdiv(n_rows, BN)
+        offs_m = tile_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
+        q = gl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + gl.expand_dims(offs_m.to(gl.int64) * stride_qm, 1)
+                    + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(offs_m < Lq, 1), other=0.0)
+        _cta_barrier()  # both warpgroups are done with the previous query tile's logits
+        q_smem.store(q)
+        fence_async_shared()
+        _cta_barrier()
+        acc, m_i, l_i = _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, g0,
+                                     qk_scale, r2, e4, n_rows, BM, BN, D, NSK, NSV, num_warps)
+        _epilogue(acc, m_i, l_i, n_bad, out_ptr + b64 * stride_ob + h64 * stride_oh, stride_om,
+                  lse_ptr + b64 * stride_lb + h64 * stride_lh, tile_m * BM, Lq, BM, D, HAS_LSE, num_warps)
+        g0 += n_tiles
+
+
+#: Length-derived integer arguments: not specialised, so a new prompt length does not compile again.
+_LENGTH_ARGS = ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch", "stride_cq", "stride_lb",
+                "stride_lh", "R", "Lq", "n_tiles_q", "n_items", "oob_row", "off2", "off4", "off8")
+
+
+@gluon.jit(do_not_specialize=_LENGTH_ARGS)
+def _pooled_gluon_kernel(
+    q_ptr, k_desc, v_desc, idx_ptr, cnt_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_ie,
+    stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+    BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, oob_row, qk_scale, off2, off4, off8,
+    D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_KV: gl.constexpr,
+    CH: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
+    NSK: gl.constexpr, NSV: gl.constexpr, PRODUCER_REGS: gl.constexpr, Q_LAYOUT: gl.constexpr,
+    KV_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Programs over the ``n_items = BH x n_tiles_q`` query tiles (``_query_tile``: heaviest first), program ``p``
+    taking items ``p, p + num_programs, ...``: one program per item, or a persistent grid whose loader warp runs into
+    the next query tile's K / V while the MMA warps finish the previous one. ``_pp_consumer`` (the program's warps)
+    and ``_pp_producer`` (one extra warp) on mbarrier rings whose slots and phases continue across query tiles."""
+    NCH: gl.constexpr = BN // CH
+    RP2: gl.constexpr = BLOCK_KV // 2
+    RP4: gl.constexpr = BLOCK_KV // 4
+    RP8: gl.constexpr = BLOCK_KV // 8
 
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [BM, D], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NSK, BN, D], KV_LAYOUT)
@@ -310,47 +327,36 @@ def _pooled_gluon_kernel(
     for si in gl.static_range(NSV):
         mbarrier.init(full_v.index(si), count=1)
         mbarrier.init(empty_v.index(si), count=1)
-
-    offs_m = tile_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, io_l))
-    q = gl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + gl.expand_dims(offs_m.to(gl.int64) * stride_qm, 1)
-                + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(offs_m < Lq, 1), other=0.0)
-    q_smem.store(q)
     fence_async_shared()
     _cta_barrier()
 
-    if P_SMEM:
-        p_smem = gl.allocate_shared_memory(k_desc.dtype, [2, BM, BN], P_LAYOUT)
-        acc, m_i, l_i = gl.warp_specialize(
-            [(_ws_consumer_ps, (q_smem, k_smem, v_smem, p_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale,
-                                r2, e4, n_rows, BM, BN, D, NSK, NSV, num_warps)),
-             (_ws_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie,
-                             c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN, CH, RP2,
-                             RP4, RP8, NCH, NSK, NSV))],
-            [1], [PRODUCER_REGS])
-    else:
-        acc, m_i, l_i = gl.warp_specialize(
-            [(_ws_consumer, (q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, qk_scale, r2, e4,
-                             n_rows, BM, BN, D, NSK, NSV, num_warps)),
-             (_ws_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie,
-                             c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, BN, CH, RP2,
-                             RP4, RP8, NCH, NSK, NSV))],
-            [1], [PRODUCER_REGS])
+    gl.warp_specialize(
+        [(_pp_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr, out_ptr,
+                         lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_cb,
+                         stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, BH, Hq,
+                         G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, D, BM, BN, BLOCK_Q, RP2, RP4, RP8, HAS_P2,
+                         HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, num_warps)),
+         (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
+                         stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH, Hq,
+                         G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH, RP2, RP4, RP8,
+                         NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
+        [1], [PRODUCER_REGS])
     # every arrive and wait is done once the partitions have joined; PTX asks for mbarrier.inval before the
-    # barriers' shared memory may be reused (the epilogue's layout conversion may use it)
+    # barriers' shared memory may be reused
     for si in gl.static_range(NSK):
         mbarrier.invalidate(full_k.index(si))
         mbarrier.invalidate(empty_k.index(si))
     for si in gl.static_range(NSV):
         mbarrier.invalidate(full_v.index(si))
         mbarrier.invalidate(empty_v.index(si))
-    _epilogue(acc, m_i, l_i, n_bad, out_ptr + b64 * stride_ob + h64 * stride_oh, stride_om,
-              lse_ptr + b64 * stride_lb + h64 * stride_lh, tile_m * BM, Lq, BM, D, HAS_LSE, num_warps)
 
 
 #: Tiles (H200, ``NOTES_fa4.md`` v6): 128 query rows x 128 pyramid rows, 8 MMA warps (two warpgroups of 64 rows)
 #: plus the loader warp (88 registers: fewer spill its entry vectors), K and V double-buffered (3 slots: no gain).
-TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8, P_SMEM=False)
+#: ``PROGRAMS_PER_SM``: 0 launches one program per query tile; ``n`` a persistent grid of ``n`` programs per
+#: multiprocessor (one fits: ~192 KB of shared memory), each looping over query tiles (``NOTES_fa4.md`` v9);
+#: ``PROGRAMS`` (tests), when set, the number of programs itself.
+TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8, PROGRAMS_PER_SM=0)
 
 
 #: Shared memory one CTA may use on Hopper (227 KB, the opt-in maximum of compute capability 9.0).
@@ -358,12 +364,15 @@ SHARED_LIMIT = 227 * 1024
 
 
 def shared_bytes(tiles: dict, D: int) -> int:
-    """Shared memory the kernel allocates with ``tiles`` at head_dim ``D`` (bytes, 16-bit elements): the query
-    tile, the K and V rings, the two ``P`` slots with ``P_SMEM``, and 8 bytes per mbarrier (Triton rounds the
-    total up a little; the compile reports the exact figure)."""
+    """Shared memory the kernel allocates with ``tiles`` at head_dim ``D`` (bytes, 16-bit elements): the query tile,
+    the K and V rings and 8 bytes per mbarrier (the compile adds a little alignment; it reports the exact figure)."""
     BM, BN = tiles["BM"], tiles["BN"]
-    elems = BM * D + (tiles["NSK"] + tiles["NSV"]) * BN * D + (2 * BM * BN if tiles.get("P_SMEM") else 0)
-    return 2 * elems + 16 * (tiles["NSK"] + tiles["NSV"])
+    return 2 * (BM * D + (tiles["NSK"] + tiles["NSV"]) * BN * D) + 16 * (tiles["NSK"] + tiles["NSV"])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -439,16 +448,22 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
     nq = cdiv(Lq, block_q)
     n_tiles_q = nq * (block_q // BM)
     lse_t, lse_strides = (lse, lse.stride()[:2]) if lse is not None else (out, (0, 0))
-    _pooled_gluon_kernel[(B * Hq, n_tiles_q)](
+    n_items = B * Hq * n_tiles_q
+    if n_items == 0:
+        return
+    per_sm = int(tiles.get("PROGRAMS_PER_SM", 0))
+    programs = n_items if per_sm <= 0 else per_sm * _sm_count(q.device.index or 0)
+    programs = max(1, min(n_items, int(tiles.get("PROGRAMS", 0)) or programs))
+    _pooled_gluon_kernel[(programs,)](
         q, k_desc, v_desc, kv_idx, counts, out, lse_t,
         q.stride(0), q.stride(1), q.stride(2), *kv_idx.stride(), *counts.stride(), out.stride(0), out.stride(1),
         out.stride(2), lse_strides[0], lse_strides[1],
-        Hq, Hq // Hkv, Hkv, R, Lq, n_tiles_q, B * Hkv * R, float(scale) * _LOG2E,
+        B * Hq, Hq, Hq // Hkv, Hkv, R, Lq, n_tiles_q, n_items, B * Hkv * R, float(scale) * _LOG2E,
         rows.get(2, 0), rows.get(4, 0), rows.get(8, 0),
         D=D, BM=BM, BN=BN, BLOCK_Q=block_q, BLOCK_KV=block_k, CH=CH, HAS_P2=2 in pooled, HAS_P4=4 in pooled,
         HAS_P8=8 in pooled, HAS_LSE=lse is not None, NSK=tiles["NSK"], NSV=tiles["NSV"],
         PRODUCER_REGS=tiles["PRODUCER_REGS"], Q_LAYOUT=_nvmma_layout((BM, D), fp16), KV_LAYOUT=layout,
-        P_SMEM=bool(tiles.get("P_SMEM", False)), P_LAYOUT=_nvmma_layout((BM, BN), fp16), num_warps=tiles["num_warps"])
+        num_warps=tiles["num_warps"])
 
 
 def pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int, factors,
