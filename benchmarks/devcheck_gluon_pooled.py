@@ -45,9 +45,10 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
     return lists[4]  # (counts, idx)
 
 
-#: kernel variants checked: the shipped tiles, the other grid (one program per query tile / a persistent grid of one
-#: program per multiprocessor; ``NOTES_fa4.md`` v9), and 3-slot rings (more loads in flight; measured equal in v6c)
-VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "k3v3": dict(NSK=3, NSV=3)}
+#: kernel variants checked and timed: the shipped tiles and the other grid (one program per query tile / a persistent
+#: grid of one program per multiprocessor; ``NOTES_fa4.md`` v9). 3-slot rings (v6c: measured equal) no longer fit the
+#: shared memory since the epilogue runs inside the MMA partition.
+VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None)}
 TIMED = ("default", "other_grid")
 
 

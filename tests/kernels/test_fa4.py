@@ -280,10 +280,11 @@ def test_pooled_unsupported_names_the_limit(pooled_as_on_hopper, monkeypatch):
     monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"BM": 256}})  # the effective tiles decide
     assert fa4.pooled_engine(q, kp, vp, **kw)[1] == "block_q 128 (a multiple of 256 only)"
     assert hopper.shared_bytes(hopper.TILES, 128) <= hopper.SHARED_LIMIT
-    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"NSK": 3, "NSV": 3}})  # fits
+    monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"NSK": 3, "NSV": 3}})  # fits at D 64
     assert fa4.pooled_engine(q, kp, vp, **kw) == ("gluon", None)
     monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"NSK": 8, "NSV": 8}})
-    assert "need 278784 bytes of shared memory" in fa4.pooled_engine(q, kp, vp, **kw)[1]  # D 64
+    assert "need 295168 bytes of shared memory" in fa4.pooled_engine(q, kp, vp, **kw)[1]  # D 64
+    assert hopper.shared_bytes(dict(hopper.TILES, NSK=3, NSV=3), 128) > hopper.SHARED_LIMIT  # 262,268 B compiled
 
 
 def test_fa4_backend_runs_the_pooled_gluon_kernel_once(monkeypatch, pooled_as_on_hopper):
