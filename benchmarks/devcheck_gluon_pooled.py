@@ -45,11 +45,11 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
     return lists[4]  # (counts, idx)
 
 
-#: kernel variants checked and timed: the shipped tiles, the other grid (one program per query tile / a persistent
-#: grid of one program per multiprocessor), and one loader warp for K plus one for V (``NOTES_fa4.md`` v9). 3-slot
-#: rings (v6c: measured equal) no longer fit the shared memory since the epilogue runs inside the MMA partition.
-VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "producers2": dict(PRODUCERS=2)}
-TIMED = ("default", "other_grid", "producers2")
+#: kernel variants checked and timed: the shipped tiles and the other grid (one program per query tile / a persistent
+#: grid of one program per multiprocessor; ``NOTES_fa4.md`` v9). 3-slot rings (v6c: measured equal) no longer fit the
+#: shared memory since the epilogue runs inside the MMA partition.
+VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None)}
+TIMED = ("default", "other_grid")
 
 
 def _tiles(variant: str) -> dict:

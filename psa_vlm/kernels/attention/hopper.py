@@ -99,23 +99,20 @@ def _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN: gl.constexpr, cols_l:
 def _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2, c4,
                  r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN: gl.constexpr,
                  CH: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr, NCH: gl.constexpr,
-                 NSK: gl.constexpr, NSV: gl.constexpr, DO_K: gl.constexpr = True, DO_V: gl.constexpr = True):
-    """Loader warp: the list entries and the K (``DO_K``) and / or V (``DO_V``) runs of every tile of one query tile
-    into the rings (``NSK`` / ``NSV`` slots); ``g0``: the tiles this program streamed before (ring slots and phases
-    continue from it)."""
+                 NSK: gl.constexpr, NSV: gl.constexpr):
+    """Loader warp: the list entries and the K / V runs of every tile of one query tile into the rings (``NSK`` /
+    ``NSV`` slots); ``g0``: the tiles this program streamed before (ring slots and phases continue from it)."""
     rep_l: gl.constexpr = gl.BlockedLayout([NCH], [32], [1], [0])
     for t in range(0, n_tiles):
         rows = _tile_rows(idx_base, stride_ie, t, c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8,
                           BN, CH, RP2, RP4, RP8, NCH, rep_l)
         g = g0 + t
-        if DO_K:
-            sk = g % NSK
-            mbarrier.wait(empty_k.index(sk), ((g // NSK) & 1) ^ 1)  # the first round passes: the slots start empty
-            _issue(k_desc, k_smem.index(sk), full_k.index(sk), rows, True, CH, NCH, rep_l)
-        if DO_V:
-            sv = g % NSV
-            mbarrier.wait(empty_v.index(sv), ((g // NSV) & 1) ^ 1)
-            _issue(v_desc, v_smem.index(sv), full_v.index(sv), rows, True, CH, NCH, rep_l)
+        sk = g % NSK
+        mbarrier.wait(empty_k.index(sk), ((g // NSK) & 1) ^ 1)  # the first round passes: the slots start empty
+        _issue(k_desc, k_smem.index(sk), full_k.index(sk), rows, True, CH, NCH, rep_l)
+        sv = g % NSV
+        mbarrier.wait(empty_v.index(sv), ((g // NSV) & 1) ^ 1)
+        _issue(v_desc, v_smem.index(sv), full_v.index(sv), rows, True, CH, NCH, rep_l)
 
 
 @gluon.jit
@@ -245,10 +242,9 @@ def _pp_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_
                  n_tiles_q, n_items, oob_row, off2, off4, off8, BM: gl.constexpr, BN: gl.constexpr,
                  BLOCK_Q: gl.constexpr, CH: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr,
                  NCH: gl.constexpr, NSK: gl.constexpr, NSV: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr,
-                 HAS_P8: gl.constexpr, DO_K: gl.constexpr, DO_V: gl.constexpr):
-    """Loader warp over this program's query tiles (items ``program_id, + num_programs, ...``): each tile's K
-    (``DO_K``) and / or V (``DO_V``) runs into the rings, continuing into the next query tile while the MMA warps
-    finish the previous one."""
+                 HAS_P8: gl.constexpr):
+    """Loader warp over this program's query tiles (items ``program_id, + num_programs, ...``): each tile's K / V
+    runs into the rings, continuing into the next query tile while the MMA warps finish the previous one."""
     g0 = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
         _, _, _, idx_base, c1, c2, c4, _, r2, e4, n_rows, kv_row0 = _query_tile(
@@ -257,7 +253,7 @@ def _pp_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_
         n_tiles = gl.cdiv(n_rows, BN)
         _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2,
                      c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN, CH, RP2, RP4, RP8, NCH,
-                     NSK, NSV, DO_K, DO_V)
+                     NSK, NSV)
         g0 += n_tiles
 
 
@@ -307,7 +303,7 @@ def _pooled_gluon_kernel(
     D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_KV: gl.constexpr,
     CH: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
     NSK: gl.constexpr, NSV: gl.constexpr, PRODUCER_REGS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-    KV_LAYOUT: gl.constexpr, PRODUCERS: gl.constexpr, num_warps: gl.constexpr,
+    KV_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Programs over the ``n_items = BH x n_tiles_q`` query tiles (``_query_tile``: heaviest first), program ``p``
     taking items ``p, p + num_programs, ...``: one program per item, or a persistent grid whose loader warp runs into
@@ -334,34 +330,17 @@ def _pooled_gluon_kernel(
     fence_async_shared()
     _cta_barrier()
 
-    if PRODUCERS == 2:  # one loader warp for K, one for V
-        gl.warp_specialize(
-            [(_pp_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
-                             out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
-                             stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
-                             stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, D, BM, BN, BLOCK_Q, RP2,
-                             RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, num_warps)),
-             (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
-                             stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH,
-                             Hq, G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH, RP2,
-                             RP4, RP8, NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8, True, False)),
-             (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
-                             stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH,
-                             Hq, G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH, RP2,
-                             RP4, RP8, NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8, False, True))],
-            [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize(
-            [(_pp_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
-                             out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
-                             stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
-                             stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, D, BM, BN, BLOCK_Q, RP2,
-                             RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, num_warps)),
-             (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
-                             stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH,
-                             Hq, G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH, RP2,
-                             RP4, RP8, NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8, True, True))],
-            [1], [PRODUCER_REGS])
+    gl.warp_specialize(
+        [(_pp_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr, out_ptr,
+                         lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_cb,
+                         stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, BH, Hq,
+                         G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, D, BM, BN, BLOCK_Q, RP2, RP4, RP8, HAS_P2,
+                         HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, num_warps)),
+         (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
+                         stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH, Hq,
+                         G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH, RP2, RP4, RP8,
+                         NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
+        [1], [PRODUCER_REGS])
     # every arrive and wait is done once the partitions have joined; PTX asks for mbarrier.inval before the
     # barriers' shared memory may be reused
     for si in gl.static_range(NSK):
@@ -377,7 +356,7 @@ def _pooled_gluon_kernel(
 #: ``PROGRAMS_PER_SM``: 0 launches one program per query tile; ``n`` a persistent grid of ``n`` programs per
 #: multiprocessor (one fits: ~192 KB of shared memory), each looping over query tiles (``NOTES_fa4.md`` v9);
 #: ``PROGRAMS`` (tests), when set, the number of programs itself.
-TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, PRODUCERS=1, num_warps=8, PROGRAMS_PER_SM=0)
+TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8, PROGRAMS_PER_SM=0)
 
 
 #: Shared memory one CTA may use on Hopper (227 KB, the opt-in maximum of compute capability 9.0).
@@ -486,7 +465,6 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
         D=D, BM=BM, BN=BN, BLOCK_Q=block_q, BLOCK_KV=block_k, CH=CH, HAS_P2=2 in pooled, HAS_P4=4 in pooled,
         HAS_P8=8 in pooled, HAS_LSE=lse is not None, NSK=tiles["NSK"], NSV=tiles["NSV"],
         PRODUCER_REGS=tiles["PRODUCER_REGS"], Q_LAYOUT=_nvmma_layout((BM, D), fp16), KV_LAYOUT=layout,
-        PRODUCERS=int(tiles.get("PRODUCERS", 1)),
         num_warps=tiles["num_warps"])
 
 
