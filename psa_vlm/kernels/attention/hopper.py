@@ -17,19 +17,27 @@ equal outputs; ``NOTES_fa4.md`` v6):
   (a run never crosses a list entry), each one TMA copy into its row slice of the shared-memory tile; runs past
   the stream's end are copied from past the end of the tensor, which TMA fills with zeros (a NaN anywhere in an
   unlisted row stays hidden, as in the Triton kernel's masked loads);
-- ``P`` stays in registers as the A operand of the ``P V`` wgmma.
+- ``P`` stays in registers as the A operand of the ``P V`` wgmma;
+- both partitions loop over work items (query tiles, ``_query_tile``: heaviest first), with ring slots and phases
+  carried across items, so the grid is either one program per query tile (``TILES["PROGRAMS_PER_SM"] = 0``, the
+  default) or persistent (``n`` programs per multiprocessor: the loader runs into the next query tile while the MMA
+  warps finish the previous one; alone 1-4% faster on the (4, 8) tail but 23% slower on the (2, 4, 8) tail at 128k,
+  whole calls 0-1.5% faster: not the default, ``NOTES_fa4.md`` v9).
 The logits of tile ``t + 1`` are issued before the softmax of tile ``t`` in program order (FlashAttention-3's
-intra-warpgroup overlap, Shah et al. 2024, section 3.2), but with 240 registers per MMA thread ptxas schedules
-the softmax first (seen in the SASS), so the two run back to back; 64-row key tiles (where ptxas does overlap
-them) and two free-running warpgroups were measured slower (``NOTES_fa4.md`` v6).
+intra-warpgroup overlap, Shah et al. 2024, section 3.2), but ptxas (CUDA 12.8 and 13.0 alike) schedules the
+softmax first (seen in the SASS), so the two run back to back; 64-row key tiles (where ptxas does overlap them)
+and two free-running warpgroups were measured slower (``NOTES_fa4.md`` v6), and ``P`` through shared memory (where
+ptxas does keep the softmax of tile ``t`` beside the ``P V`` of tile ``t - 1``) ran within 1% (v9). Nsight Compute
+puts the tensor pipe at 43% and ~16% of the launch in per-program costs (v9).
 
 Limits (``pooled_unsupported`` says which, the caller then runs the Triton kernel): compute capability 9.x,
 Triton >= 3.6 with Gluon, float16 / bfloat16 (the pyramid in ``q``'s dtype), head_dim 64 or 128, ``bq`` a multiple
 of 128, ``bk`` a power of two with ``bk / max(p)`` >= 8 and ``bk / 2`` <= 128, the pyramid ``[B, Hkv, R, D]``
 contiguous, ``out`` and ``lse`` with a contiguous last dimension. A factor-1 entry in the list, or a factor
 missing from the pyramid, fills the query block's rows with NaN (the caller passes pooled factors only; nothing
-is checked on the host, which would synchronise). Not runnable under ``TRITON_INTERPRET=1``: the GPU tier checks it against the
-reference. Nothing here is imported by ``import psa_vlm``.
+is checked on the host, which would synchronise); tiles whose shared memory exceeds 227 KB (``shared_bytes``). Not
+runnable under ``TRITON_INTERPRET=1``: the GPU tier checks it against the reference. Nothing here is imported by
+``import psa_vlm``.
 """
 
 from __future__ import annotations
