@@ -360,7 +360,8 @@ def _pooled_gluon_kernel(
 
 
 #: Tiles (H200, ``NOTES_fa4.md`` v6): 128 query rows x 128 pyramid rows, 8 MMA warps (two warpgroups of 64 rows)
-#: plus the loader warp (88 registers: fewer spill its entry vectors), K and V double-buffered (3 slots: no gain).
+#: plus the loader warp (88 registers: fewer spill its entry vectors), K and V double-buffered (3 slots: no gain in
+#: v6c, and at D 128 they no longer fit next to the epilogue's conversion tile).
 #: ``PROGRAMS_PER_SM``: 0 launches one program per query tile; ``n`` a persistent grid of ``n`` programs per
 #: multiprocessor (one fits: ~192 KB of shared memory), each looping over query tiles (``NOTES_fa4.md`` v9);
 #: ``PROGRAMS`` (tests), when set, the number of programs itself.
