@@ -36,8 +36,9 @@ of 128, ``bk`` a power of two with ``bk / max(p)`` >= 8 and ``bk / 2`` <= 128, t
 contiguous, ``out`` and ``lse`` with a contiguous last dimension. A factor-1 entry in the list, or a factor
 missing from the pyramid, fills the query block's rows with NaN (the caller passes pooled factors only; nothing
 is checked on the host, which would synchronise); tiles whose shared memory exceeds 227 KB (``shared_bytes``). Not
-runnable under ``TRITON_INTERPRET=1``: the GPU tier checks it against the reference. Nothing here is imported by
-``import psa_vlm``.
+runnable under ``TRITON_INTERPRET=1``: the CPU tests compile it for sm_90a (``tests/kernels/test_gluon_compile.py``:
+Hopper instructions, shared memory against ``shared_bytes``), the GPU tier checks it against the reference. Nothing
+here is imported by ``import psa_vlm``.
 """
 
 from __future__ import annotations

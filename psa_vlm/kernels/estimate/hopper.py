@@ -14,8 +14,9 @@ Used by ``kernel.block_importance`` on CUDA devices of compute capability 9.x wi
 with 3.6, compiled for sm_90 with 3.8); wgmma does not exist on other architectures, which keep the Triton GEMM
 form, as do older Triton versions; a newer Triton whose Gluon API no longer fits falls back at the first compile with
 a warning (``kernel._gluon_failed``). Not runnable under ``TRITON_INTERPRET=1``: the CPU tests cover the Triton forms
-and the engine choice, the GPU tier compares this kernel with the float32 reference
-(``benchmarks/devcheck_gluon_estimate.py`` also with the Triton GEMM form). Nothing here is imported by
+and the engine choice and compile this kernel for sm_90a without a GPU (``tests/kernels/test_gluon_compile.py``), the
+GPU tier compares it with the float32 reference (``benchmarks/devcheck_gluon_estimate.py`` also with the Triton GEMM
+form). Nothing here is imported by
 ``import psa_vlm``.
 """
 
