@@ -99,8 +99,10 @@ _CHILD = textwrap.dedent("""
         est.block_importance(q, k, block_q=128, block_k=128, stride=8)
         assert len(capture.calls) == 1, "the estimator did not take its Gluon kernel"
         c = compile_sm90a(real, *capture.calls[0])
+        from psa_vlm.kernels.attention.hopper import SHARED_LIMIT  # one CTA's limit on Hopper, whichever kernel
+
         return dict(ptx_wgmma="wgmma.mma_async" in c.asm["ptx"], ptx_tma="cp.async.bulk.tensor" in c.asm["ptx"],
-                    shared=c.metadata.shared, limit=227 * 1024)
+                    shared=c.metadata.shared, limit=SHARED_LIMIT)
 
     which = sys.argv[1]
     if which == "pooled":
