@@ -45,11 +45,13 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
     return lists[4]  # (counts, idx)
 
 
-#: kernel variants checked and timed: the shipped tiles and the other grid (one program per query tile / a persistent
-#: grid of one program per multiprocessor; ``NOTES_fa4.md`` v9). 3-slot rings (v6c: measured equal) no longer fit the
-#: shared memory since the epilogue runs inside the MMA partition.
-VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None)}
-TIMED = ("default", "other_grid")
+#: kernel variants checked and timed: the shipped tiles (two MMA warpgroups in FlashAttention-3's ping-pong, the
+#: uniform-tile softmax; ``NOTES_fa4.md`` v10), the other grid (one program per query tile / a persistent grid of one
+#: program per multiprocessor; v9), the column-wise softmax on every tile, and one 8-warp MMA partition (v6-v9).
+#: 3-slot rings (v6c: measured equal) no longer fit the shared memory since the epilogue runs in the MMA partitions.
+VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "no_uniform": dict(UNIFORM=False),
+            "one_partition": dict(PINGPONG=False)}
+TIMED = ("default", "other_grid", "no_uniform", "one_partition")
 
 
 def _tiles(variant: str) -> dict:
@@ -180,6 +182,8 @@ def timings(lengths, presets) -> list:
                 ("attend_gluon48_other_grid", functools.partial(hopper.pooled_launch, scale=scale,
                                                                 tiles=_tiles("other_grid"), **kw), (4, 8)),
                 ("attend_gluon248", functools.partial(hopper.pooled_launch, scale=scale, **kw), (2, 4, 8)),
+                ("attend_gluon48_one_partition", functools.partial(hopper.pooled_launch, scale=scale,
+                                                                   tiles=_tiles("one_partition"), **kw), (4, 8)),
             ):
                 o = torch.full_like(q, float("nan"))
 
@@ -228,7 +232,7 @@ def new_lengths(lengths) -> list:
     return rows
 
 
-def profile_launches(L: int, preset: str, tail=(4, 8), reps: int = 2) -> None:
+def profile_launches(L: int, preset: str, tail=(4, 8), reps: int = 2, variants=TIMED) -> None:
     """For Nsight Compute: the pooled launch of each timed variant ``reps`` times back to back (no checks, no
     timing), variant after variant in ``TIMED`` order, at one length and preset, e.g.
     ``ncu --clock-control none -k regex:_pooled_gluon_kernel -s 1 -c 3 --section WarpStateStats ...``."""
@@ -240,7 +244,7 @@ def profile_launches(L: int, preset: str, tail=(4, 8), reps: int = 2) -> None:
     cfg = PSAConfig.preset(preset)
     _, plan = run_psa(q, k, v, cfg, backend="triton", plan_only=True)
     tcounts, tidx = tail_list(plan.kv_idx, plan.counts, L, cfg.block_k, plan.pool_factors, tail)
-    for variant in TIMED:
+    for variant in variants:
         say(f"profile: variant {variant}, launches {reps}")
         for _ in range(reps):
             run_gluon(q, k, plan.k_pooled, plan.v_pooled, tidx, tcounts, cfg.block_q, cfg.block_k, plan.pool_factors,
@@ -256,12 +260,14 @@ def main() -> int:
                     help="after the timings: first against second call at these prompt lengths (ms)")
     ap.add_argument("--profile", action="store_true",
                     help="only launch each timed variant twice at the first length and preset (for Nsight Compute)")
+    ap.add_argument("--variants", nargs="+", default=list(TIMED), choices=list(VARIANTS),
+                    help="the variants --profile launches")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     import triton
 
     if args.profile:
-        profile_launches(args.lengths[0], args.presets[0])
+        profile_launches(args.lengths[0], args.presets[0], variants=args.variants)
         return 0
 
     say(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,

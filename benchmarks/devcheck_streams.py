@@ -2,6 +2,8 @@
 
 ``--ab streams`` (default): the side stream (``fa4.CONCURRENT_LEVELS``) on / off. ``--ab persistent``: the pooled
 Gluon kernel on a persistent grid against one program per query tile (``hopper.TILES["PROGRAMS_PER_SM"]`` 1 / 0).
+``--ab pingpong``: its two MMA warpgroups in FlashAttention-3's ping-pong against one 8-warp MMA partition
+(``hopper.TILES["PINGPONG"]`` True / False).
 The H200's SM clock moves with power (1.4-1.98 GHz under these loads), so A and B are timed *interleaved*: every
 round times A, then B, and the report gives the median of each and the median of the per-round ratios A / B.
 
@@ -50,8 +52,12 @@ def _switches():
     def grid(flag):  # the pooled Gluon kernel's persistent grid (NOTES_fa4.md v9); None: the shipped grid
         fa4.POOLED_OVERRIDES = {} if flag is None else {"GLUON_TILES": {"PROGRAMS_PER_SM": 1 if flag else 0}}
 
+    def pingpong(flag):  # the pooled Gluon kernel's warpgroup ping-pong (NOTES_fa4.md v10); None: the shipped form
+        fa4.POOLED_OVERRIDES = {} if flag is None else {"GLUON_TILES": {"PINGPONG": flag}}
+
     return {"streams": ("side stream", "one stream", streams, True),
-            "persistent": ("persistent pooled grid", "one program per query tile", grid, None)}
+            "persistent": ("persistent pooled grid", "one program per query tile", grid, None),
+            "pingpong": ("ping-pong warpgroups", "one MMA partition", pingpong, None)}
 
 
 def _ab(fn, setter, default, rounds: int, n: int) -> dict:
@@ -86,8 +92,9 @@ def main() -> int:
     ap.add_argument("--prefill-preset", default="quota-0.2")
     ap.add_argument("--prefill-rounds", type=int, default=5)
     ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--ab", choices=["streams", "persistent"], default="streams",
-                    help="streams: fa4.CONCURRENT_LEVELS on / off; persistent: the pooled Gluon kernel's grid")
+    ap.add_argument("--ab", choices=["streams", "persistent", "pingpong"], default="streams",
+                    help="streams: fa4.CONCURRENT_LEVELS on / off; persistent: the pooled Gluon kernel's grid; "
+                         "pingpong: its two MMA warpgroups in ping-pong or in one partition")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     import triton

@@ -420,7 +420,8 @@ def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, 
     ],
 )
 @pytest.mark.parametrize("per_sm", [0, 1, -3])
-def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype, factors, tail, per_sm):
+@pytest.mark.parametrize("form", ["shipped", "no_uniform", "one_partition"])
+def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype, factors, tail, per_sm, form):
     """The Gluon pooled kernel (``hopper.py``) on pooled-only lists against the float32 reference, outputs and
     log-sum-exps NaN-poisoned first; its log-sum-exp against the Triton kernel's. Every pyramid row the list does not
     read holds NaN (``poison_unlisted``): none may leak (runs past a stream's end load zeros). ``per_sm``: one
@@ -454,6 +455,7 @@ def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype,
     scale = D ** -0.5
     outs = {}
     tiles = dict(hopper.TILES, PROGRAMS_PER_SM=per_sm) if per_sm >= 0 else dict(hopper.TILES, PROGRAMS=-per_sm)
+    tiles.update({"shipped": {}, "no_uniform": {"UNIFORM": False}, "one_partition": {"PINGPONG": False}}[form])
     gluon = functools.partial(hopper.pooled_launch, tiles=tiles)
     for name, launch in (("gluon", gluon), ("triton", fa4.triton_pooled_launch)):
         out = torch.full((B, Lq, Hq, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)

@@ -105,6 +105,39 @@ def _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN: gl.constexpr, cols_l:
 
 
 @gluon.jit
+def _softmax_uniform(s, m_i, l_i, qk_scale, bias):
+    """``_softmax`` of a tile whose columns all lie before the stream's end and in one factor's rows (a scalar
+    ``bias``, ``log2 p``): the running maximum from the raw logits' row maximum (``qk_scale > 0``, so it commutes
+    with the scale) and one fused multiply-add per element before the exp2, instead of the column-wise bias and mask
+    (``NOTES_fa4.md`` v10)."""
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale + bias)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale + gl.expand_dims(bias - m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _softmax_tile(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN: gl.constexpr, cols_l: gl.constexpr,
+                  UNIFORM: gl.constexpr):
+    """``_softmax`` of tile ``t``, through ``_softmax_uniform`` when the tile is uniform (``UNIFORM``: most tiles;
+    only a tile that crosses a factor boundary or the stream's end is not)."""
+    if UNIFORM:
+        lo = t * BN
+        hi = lo + BN
+        one = (hi <= n_rows) & ((hi <= r2) | ((lo >= r2) & (hi <= e4)) | (lo >= e4))
+        if one:
+            bias = gl.where(hi <= r2, 1.0, gl.where(hi <= e4, 2.0, 3.0))
+            p, alpha, m_new, l_new = _softmax_uniform(s, m_i, l_i, qk_scale, bias)
+        else:
+            p, alpha, m_new, l_new = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_l)
+    else:
+        p, alpha, m_new, l_new = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_l)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
 def _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2, c4,
                  r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN: gl.constexpr,
                  CH: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr, NCH: gl.constexpr,
@@ -298,6 +331,121 @@ def _pp_consumer(q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v
         g0 += n_tiles
 
 
+@gluon.jit
+def _turn(sched, WG: gl.constexpr, h, wait: gl.constexpr):
+    """FlashAttention-3's warpgroup ping-pong (Shah et al. 2024, section 3.1): warpgroup ``WG``'s MMA turn ``h``
+    waits (``wait``) until the other warpgroup has issued its turn ``h - 1`` (``WG`` 1: its turn ``h``), or, after
+    issuing, passes the turn on. Only the order of issue depends on it, never a result."""
+    if wait:
+        if WG == 0:
+            mbarrier.wait(sched.index(0), (h & 1) ^ 1)  # turn 0 of warpgroup 0 passes: the barrier starts fresh
+        else:
+            mbarrier.wait(sched.index(1), h & 1)
+    else:
+        mbarrier.arrive(sched.index(1 - WG))
+
+
+@gluon.jit
+def _wg_stream(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, n_tiles, g0, h, qk_scale, r2, e4,
+               n_rows, WG: gl.constexpr, ROWS: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSK: gl.constexpr,
+               NSV: gl.constexpr, UNIFORM: gl.constexpr, num_warps: gl.constexpr):
+    """One warpgroup's ``ROWS`` query rows on one query tile's stream, its MMAs issued in turns alternating with
+    the other warpgroup's (``_turn``): turn ``t`` issues the logits of tile ``t`` and ``P V`` of tile ``t - 1``
+    together, then the softmax of tile ``t`` runs while the other warpgroup's turn keeps the tensor cores busy.
+    ``n_tiles + 1`` turns (none for an empty stream); slots are released by each warpgroup's own arrival (the empty
+    barriers count two). Returns ``(acc, m_i, l_i, h)`` (exp2-domain statistics, the turn counter after)."""
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BN, 16])
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, D, 16])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+    rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    rows_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+    cols_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, rows_s)
+    l_i = gl.zeros([ROWS], gl.float32, rows_s)
+    acc = gl.zeros([ROWS, D], gl.float32, mma_o)
+    zero_s = gl.zeros([ROWS, BN], gl.float32, mma_s)
+    if n_tiles > 0:
+        sk0 = g0 % NSK
+        mbarrier.wait(full_k.index(sk0), (g0 // NSK) & 1)
+        _turn(sched, WG, h, True)
+        s = warpgroup_mma(q_smem, k_smem.index(sk0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        _turn(sched, WG, h, False)
+        h += 1
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        _cta_barrier()  # the warpgroup's four warps are done with the slot
+        mbarrier.arrive(empty_k.index(sk0))
+        for t in range(0, n_tiles - 1):
+            p, alpha, m_i, l_i = _softmax_tile(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s, UNIFORM)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
+            g = g0 + t
+            sv = g % NSV
+            sk1 = (g + 1) % NSK
+            mbarrier.wait(full_k.index(sk1), ((g + 1) // NSK) & 1)
+            mbarrier.wait(full_v.index(sv), (g // NSV) & 1)
+            _turn(sched, WG, h, True)
+            s = warpgroup_mma(q_smem, k_smem.index(sk1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc = warpgroup_mma(pa, v_smem.index(sv), acc, is_async=True)
+            _turn(sched, WG, h, False)
+            h += 1
+            s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s, acc))
+            _cta_barrier()
+            mbarrier.arrive(empty_k.index(sk1))
+            mbarrier.arrive(empty_v.index(sv))
+        t = n_tiles - 1
+        p, alpha, m_i, l_i = _softmax_tile(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s, UNIFORM)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
+        g = g0 + t
+        mbarrier.wait(full_v.index(g % NSV), (g // NSV) & 1)
+        _turn(sched, WG, h, True)
+        acc = warpgroup_mma(pa, v_smem.index(g % NSV), acc, is_async=True)
+        _turn(sched, WG, h, False)
+        h += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        _cta_barrier()
+        mbarrier.arrive(empty_v.index(g % NSV))
+    return acc, m_i, l_i, h
+
+
+@gluon.jit
+def _wg_consumer(q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, idx_ptr, cnt_ptr, out_ptr,
+                 lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+                 stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, BH, Hq, G, Hkv, R, Lq,
+                 n_tiles_q, n_items, qk_scale, WG: gl.constexpr, D: gl.constexpr, BM: gl.constexpr,
+                 BN: gl.constexpr, BLOCK_Q: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr,
+                 HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
+                 NSK: gl.constexpr, NSV: gl.constexpr, UNIFORM: gl.constexpr):
+    """Warpgroup ``WG`` (4 warps, query rows ``WG * BM / 2 ..`` of each query tile) over this program's query tiles:
+    its half of the query tile into its half of ``q_smem``, ``_wg_stream``, its half of the epilogue."""
+    ROWS: gl.constexpr = BM // 2
+    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, io_l))
+    q_half = q_smem.slice(WG * ROWS, ROWS, dim=0)
+    g0 = 0
+    h = 0
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        b64, h64, tile_m, _, _, _, _, n_bad, r2, e4, n_rows, _ = _query_tile(
+            item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, stride_cc, BH,
+            Hq, G, Hkv, R, n_tiles_q, BM, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
+        n_tiles = gl.cdiv(n_rows, BN)
+        row0 = tile_m * BM + WG * ROWS
+        offs_m = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_l))
+        q = gl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + gl.expand_dims(offs_m.to(gl.int64) * stride_qm, 1)
+                    + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(offs_m < Lq, 1), other=0.0)
+        _cta_barrier()  # the warpgroup is done with the previous query tile's logits
+        q_half.store(q)
+        fence_async_shared()
+        _cta_barrier()
+        acc, m_i, l_i, h = _wg_stream(q_half, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, n_tiles, g0,
+                                      h, qk_scale, r2, e4, n_rows, WG, ROWS, BN, D, NSK, NSV, UNIFORM, 4)
+        _epilogue(acc, m_i, l_i, n_bad, out_ptr + b64 * stride_ob + h64 * stride_oh, stride_om,
+                  lse_ptr + b64 * stride_lb + h64 * stride_lh, row0, Lq, ROWS, D, HAS_LSE, 4)
+        g0 += n_tiles
+
+
 #: Length-derived integer arguments: not specialised, so a new prompt length does not compile again.
 _LENGTH_ARGS = ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch", "stride_cq", "stride_lb",
                 "stride_lh", "R", "Lq", "n_tiles_q", "n_items", "oob_row", "off2", "off4", "off8")
@@ -312,7 +460,8 @@ def _pooled_gluon_kernel(
     D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_KV: gl.constexpr,
     CH: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
     NSK: gl.constexpr, NSV: gl.constexpr, PRODUCER_REGS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-    KV_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+    KV_LAYOUT: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, UNIFORM: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """Programs over the ``n_items = BH x n_tiles_q`` query tiles (``_query_tile``: heaviest first), program ``p``
     taking items ``p, p + num_programs, ...``: one program per item, or a persistent grid whose loader warp runs into
@@ -330,26 +479,48 @@ def _pooled_gluon_kernel(
     full_v = gl.allocate_shared_memory(gl.int64, [NSV, 1], mbarrier.MBarrierLayout())
     empty_k = gl.allocate_shared_memory(gl.int64, [NSK, 1], mbarrier.MBarrierLayout())
     empty_v = gl.allocate_shared_memory(gl.int64, [NSV, 1], mbarrier.MBarrierLayout())
+    sched = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    CONSUMERS: gl.constexpr = 2 if PINGPONG else 1  # arrivals that release a ring slot
     for si in gl.static_range(NSK):
         mbarrier.init(full_k.index(si), count=1)
-        mbarrier.init(empty_k.index(si), count=1)
+        mbarrier.init(empty_k.index(si), count=CONSUMERS)
     for si in gl.static_range(NSV):
         mbarrier.init(full_v.index(si), count=1)
-        mbarrier.init(empty_v.index(si), count=1)
+        mbarrier.init(empty_v.index(si), count=CONSUMERS)
+    for si in gl.static_range(2):
+        mbarrier.init(sched.index(si), count=1)
     fence_async_shared()
     _cta_barrier()
 
-    gl.warp_specialize(
-        [(_pp_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr, out_ptr,
-                         lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_cb,
-                         stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, BH, Hq,
-                         G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, D, BM, BN, BLOCK_Q, RP2, RP4, RP8, HAS_P2,
-                         HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, num_warps)),
-         (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
-                         stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH, Hq,
-                         G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH, RP2, RP4, RP8,
-                         NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
-        [1], [PRODUCER_REGS])
+    if PINGPONG:  # the kernel's 4 warps are warpgroup 0, a 4-warp worker warpgroup 1
+        gl.warp_specialize(
+            [(_wg_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, idx_ptr, cnt_ptr,
+                             out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
+                             stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
+                             stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, 0, D, BM, BN, BLOCK_Q,
+                             RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM)),
+             (_wg_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, idx_ptr, cnt_ptr,
+                             out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
+                             stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
+                             stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, 1, D, BM, BN, BLOCK_Q,
+                             RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM)),
+             (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
+                             stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc,
+                             BH, Hq, G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH,
+                             RP2, RP4, RP8, NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
+            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize(
+            [(_pp_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr, out_ptr,
+                             lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_cb,
+                             stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, BH, Hq,
+                             G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, D, BM, BN, BLOCK_Q, RP2, RP4, RP8, HAS_P2,
+                             HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, num_warps)),
+             (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
+                             stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH, Hq,
+                             G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH, RP2, RP4, RP8,
+                             NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
+            [1], [PRODUCER_REGS])
     # every arrive and wait is done once the partitions have joined; PTX asks for mbarrier.inval before the
     # barriers' shared memory may be reused
     for si in gl.static_range(NSK):
@@ -358,6 +529,8 @@ def _pooled_gluon_kernel(
     for si in gl.static_range(NSV):
         mbarrier.invalidate(full_v.index(si))
         mbarrier.invalidate(empty_v.index(si))
+    for si in gl.static_range(2):
+        mbarrier.invalidate(sched.index(si))
 
 
 #: Tiles (H200, ``NOTES_fa4.md`` v6): 128 query rows x 128 pyramid rows, 8 MMA warps (two warpgroups of 64 rows)
@@ -366,7 +539,8 @@ def _pooled_gluon_kernel(
 #: ``PROGRAMS_PER_SM``: 0 launches one program per query tile; ``n`` a persistent grid of ``n`` programs per
 #: multiprocessor (one fits: ~192 KB of shared memory), each looping over query tiles (``NOTES_fa4.md`` v9);
 #: ``PROGRAMS`` (tests), when set, the number of programs itself.
-TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8, PROGRAMS_PER_SM=0)
+TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8, PROGRAMS_PER_SM=0, PINGPONG=True,
+             CONSUMER_REGS=208, UNIFORM=True)
 
 
 #: Shared memory one CTA may use on Hopper (227 KB, the opt-in maximum of compute capability 9.0).
@@ -375,11 +549,13 @@ SHARED_LIMIT = 227 * 1024
 
 def shared_bytes(tiles: dict, D: int) -> int:
     """Shared memory the kernel allocates with ``tiles`` at head_dim ``D`` (bytes, 16-bit elements): the query tile,
-    the K and V rings, the epilogue's layout conversion of the output tile (inside the MMA partition, so it cannot
-    reuse the rings) and 8 bytes per mbarrier; the compile adds a few bytes of alignment (196,676 bytes at the
-    shipped tiles and D 128 against 196,672 here; Triton reports the exact figure)."""
+    the K and V rings, the epilogue's layout conversion of the output (inside the MMA partitions, so it cannot reuse
+    the rings: the whole output tile with one MMA partition, 8 KB per warpgroup in ping-pong) and 8 bytes per mbarrier;
+    the compile adds a few bytes of alignment (196,676 bytes at the shipped tiles and D 128 against 196,672 here;
+    Triton reports the exact figure)."""
     BM, BN = tiles["BM"], tiles["BN"]
-    return 2 * (2 * BM * D + (tiles["NSK"] + tiles["NSV"]) * BN * D) + 16 * (tiles["NSK"] + tiles["NSV"])
+    scratch = 2 * 8192 if tiles.get("PINGPONG") else 2 * BM * D
+    return 2 * (BM * D + (tiles["NSK"] + tiles["NSV"]) * BN * D) + scratch + 8 * (2 * (tiles["NSK"] + tiles["NSV"]) + 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -466,6 +642,7 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
     per_sm = int(tiles.get("PROGRAMS_PER_SM", 0))
     programs = n_items if per_sm <= 0 else per_sm * _sm_count(q.device.index or 0)
     programs = max(1, min(n_items, int(tiles.get("PROGRAMS", 0)) or programs))
+    pingpong = tiles.get("PINGPONG", False)
     _pooled_gluon_kernel[(programs,)](
         q, k_desc, v_desc, kv_idx, counts, out, lse_t,
         q.stride(0), q.stride(1), q.stride(2), *kv_idx.stride(), *counts.stride(), out.stride(0), out.stride(1),
@@ -475,7 +652,9 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
         D=D, BM=BM, BN=BN, BLOCK_Q=block_q, BLOCK_KV=block_k, CH=CH, HAS_P2=2 in pooled, HAS_P4=4 in pooled,
         HAS_P8=8 in pooled, HAS_LSE=lse is not None, NSK=tiles["NSK"], NSV=tiles["NSV"],
         PRODUCER_REGS=tiles["PRODUCER_REGS"], Q_LAYOUT=_nvmma_layout((BM, D), fp16), KV_LAYOUT=layout,
-        num_warps=tiles["num_warps"])
+        PINGPONG=bool(pingpong), CONSUMER_REGS=int(tiles.get("CONSUMER_REGS", 208)),
+        UNIFORM=bool(tiles.get("UNIFORM", True)),
+        num_warps=4 if pingpong else tiles["num_warps"])
 
 
 def pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int, factors,
