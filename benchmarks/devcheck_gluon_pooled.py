@@ -45,13 +45,12 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
     return lists[4]  # (counts, idx)
 
 
-#: kernel variants checked and timed: the shipped tiles (two MMA warpgroups in FlashAttention-3's ping-pong, the
+#: kernel variants checked and timed: the shipped tiles (two MMA warpgroups in FlashAttention-3's ping-pong with the
 #: uniform-tile softmax; ``NOTES_fa4.md`` v10), the other grid (one program per query tile / a persistent grid of one
-#: program per multiprocessor; v9), the column-wise softmax on every tile, and one 8-warp MMA partition (v6-v9).
-#: 3-slot rings (v6c: measured equal) no longer fit the shared memory since the epilogue runs in the MMA partitions.
-VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "no_uniform": dict(UNIFORM=False),
-            "one_partition": dict(PINGPONG=False)}
-TIMED = ("default", "other_grid", "no_uniform", "one_partition")
+#: program per multiprocessor; v9), and the column-wise softmax on every tile. The one-partition form (8 MMA warps,
+#: v6-v9) was timed against the ping-pong in v10 (commit 14a23cb) and removed.
+VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "no_uniform": dict(UNIFORM=False)}
+TIMED = ("default", "other_grid", "no_uniform")
 
 
 def _tiles(variant: str) -> dict:
@@ -182,8 +181,6 @@ def timings(lengths, presets) -> list:
                 ("attend_gluon48_other_grid", functools.partial(hopper.pooled_launch, scale=scale,
                                                                 tiles=_tiles("other_grid"), **kw), (4, 8)),
                 ("attend_gluon248", functools.partial(hopper.pooled_launch, scale=scale, **kw), (2, 4, 8)),
-                ("attend_gluon48_one_partition", functools.partial(hopper.pooled_launch, scale=scale,
-                                                                   tiles=_tiles("one_partition"), **kw), (4, 8)),
             ):
                 o = torch.full_like(q, float("nan"))
 

@@ -2,8 +2,9 @@
 
 ``--ab streams`` (default): the side stream (``fa4.CONCURRENT_LEVELS``) on / off. ``--ab persistent``: the pooled
 Gluon kernel on a persistent grid against one program per query tile (``hopper.TILES["PROGRAMS_PER_SM"]`` 1 / 0).
-``--ab pingpong``: its two MMA warpgroups in FlashAttention-3's ping-pong against one 8-warp MMA partition
-(``hopper.TILES["PINGPONG"]`` True / False).
+``--ab uniform``: its short softmax on tiles inside one factor's rows against the column-wise one on every tile
+(``hopper.TILES["UNIFORM"]`` True / False). (``--ab pingpong``, the ping-pong against one 8-warp MMA partition, ran at
+commit 14a23cb before the one-partition form was removed: ``devcheck_streams_pingpong_ddfbd84-pingpong.json``.)
 The H200's SM clock moves with power (1.4-1.98 GHz under these loads), so A and B are timed *interleaved*: every
 round times A, then B, and the report gives the median of each and the median of the per-round ratios A / B.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -52,12 +54,12 @@ def _switches():
     def grid(flag):  # the pooled Gluon kernel's persistent grid (NOTES_fa4.md v9); None: the shipped grid
         fa4.POOLED_OVERRIDES = {} if flag is None else {"GLUON_TILES": {"PROGRAMS_PER_SM": 1 if flag else 0}}
 
-    def pingpong(flag):  # the pooled Gluon kernel's warpgroup ping-pong (NOTES_fa4.md v10); None: the shipped form
-        fa4.POOLED_OVERRIDES = {} if flag is None else {"GLUON_TILES": {"PINGPONG": flag}}
+    def uniform(flag):  # the pooled Gluon kernel's uniform-tile softmax (NOTES_fa4.md v10); None: the shipped form
+        fa4.POOLED_OVERRIDES = {} if flag is None else {"GLUON_TILES": {"UNIFORM": flag}}
 
     return {"streams": ("side stream", "one stream", streams, True),
             "persistent": ("persistent pooled grid", "one program per query tile", grid, None),
-            "pingpong": ("ping-pong warpgroups", "one MMA partition", pingpong, None)}
+            "uniform": ("uniform-tile softmax", "column-wise softmax", uniform, None)}
 
 
 def _ab(fn, setter, default, rounds: int, n: int) -> dict:
@@ -92,9 +94,9 @@ def main() -> int:
     ap.add_argument("--prefill-preset", default="quota-0.2")
     ap.add_argument("--prefill-rounds", type=int, default=5)
     ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--ab", choices=["streams", "persistent", "pingpong"], default="streams",
+    ap.add_argument("--ab", choices=["streams", "persistent", "uniform"], default="streams",
                     help="streams: fa4.CONCURRENT_LEVELS on / off; persistent: the pooled Gluon kernel's grid; "
-                         "pingpong: its two MMA warpgroups in ping-pong or in one partition")
+                         "uniform: its softmax on tiles inside one factor's rows")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     import triton
@@ -140,7 +142,8 @@ def main() -> int:
             torch.cuda.empty_cache()
     res["ok"] = ok
     tag = "" if args.ab == "streams" else f"_{args.ab}"
-    path = os.path.join(args.out, f"devcheck_streams{tag}_{res['commit'] or 'unknown'}.json")
+    commit = re.sub(r"[^A-Za-z0-9._-]", "-", res["commit"] or "unknown")  # a file name the device tool returns
+    path = os.path.join(args.out, f"devcheck_streams{tag}_{commit}.json")
     with open(path, "w") as fh:
         json.dump(res, fh, indent=1)
     print("ALL CHECKS " + ("PASS" if ok else "FAIL"), "->", path)

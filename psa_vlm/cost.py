@@ -189,12 +189,14 @@ DENSE_TFLOPS = 650.0
 #: there (8.4 / 8.4 ms), so the flip costs nothing. Factors 4 and 8 of ``fa4`` at 1.55 since the pooled launch
 #: runs the Gluon kernel on Hopper (``fa4.pooled_launch``; quota-0.2, Gluon against Triton in the same runs: 3.86-3.93
 #: against 4.34-4.39 ms at 64k, 13.75-14.01 against 15.55-15.72 at 128k, ratio 0.885-0.895; the final tree's run
-#: 0.895: 1.73 x 0.895 = 1.55; NOTES_fa4.md v6); where that launch is the Triton kernel's, 1.73
+#: 0.895: 1.73 x 0.895 = 1.55; NOTES_fa4.md v6), then 1.33 with its warpgroups in ping-pong (the Gluon launch
+#: against its previous form in one run: 3.27 against 3.85 ms at 64k, 12.10 against 14.51 at 128k, ratio
+#: 0.83-0.85: 1.55 x 0.86 = 1.33; NOTES_fa4.md v10); where that launch is the Triton kernel's, 1.73
 #: (``FA4_TRITON_POOLED_PER_FACTOR``). Calibrated on one card and input family: on another GPU the H200's constants
 #: decide (a wrong pick costs speed, never correctness).
 ENGINE_TIMES: Dict[str, EngineTime] = {
     "triton": EngineTime(per_factor=(1.4, 1.6, 1.6, 1.6), fixed_ms=0.1, ms_per_gelem=0.0),
-    "fa4": EngineTime(per_factor=(1.13, 1.19, 1.55, 1.55), fixed_ms=0.6, ms_per_gelem=2.72),
+    "fa4": EngineTime(per_factor=(1.13, 1.19, 1.33, 1.33), fixed_ms=0.6, ms_per_gelem=2.72),
 }
 
 #: ``fa4``'s per-factor costs where its pooled launch is the Triton kernel's (no Gluon kernel: Triton < 3.6, or it

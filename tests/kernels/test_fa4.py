@@ -278,13 +278,13 @@ def test_pooled_unsupported_names_the_limit(pooled_as_on_hopper, monkeypatch):
     lse = torch.zeros(1, 4, 400)[..., ::2]
     assert "lse with a non-contiguous" in hopper.pooled_unsupported(q, kp, vp, lse=lse, **kw)
     monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"BM": 256}})  # the effective tiles decide
-    assert fa4.pooled_engine(q, kp, vp, **kw)[1] == "block_q 128 (a multiple of 256 only)"
+    assert fa4.pooled_engine(q, kp, vp, **kw)[1] == "tiles BM 256 (128 only: two warpgroups of 64 query rows)"
     assert hopper.shared_bytes(hopper.TILES, 128) <= hopper.SHARED_LIMIT
     monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"NSK": 3, "NSV": 3}})  # fits at D 64
     assert fa4.pooled_engine(q, kp, vp, **kw) == ("gluon", None)
     monkeypatch.setattr(fa4, "POOLED_OVERRIDES", {"GLUON_TILES": {"NSK": 8, "NSV": 8}})
-    assert "need 295168 bytes of shared memory" in fa4.pooled_engine(q, kp, vp, **kw)[1]  # D 64
-    assert hopper.shared_bytes(dict(hopper.TILES, NSK=3, NSV=3), 128) > hopper.SHARED_LIMIT  # 262,268 B compiled
+    assert "need 295184 bytes of shared memory" in fa4.pooled_engine(q, kp, vp, **kw)[1]  # D 64
+    assert hopper.shared_bytes(dict(hopper.TILES, NSK=3, NSV=3), 128) > hopper.SHARED_LIMIT  # 245,912 B compiled
 
 
 def test_fa4_backend_runs_the_pooled_gluon_kernel_once(monkeypatch, pooled_as_on_hopper):
@@ -420,13 +420,14 @@ def test_fa4_backend_matches_reference_gpu(L, Lq, D, video_like, triton_pooled, 
     ],
 )
 @pytest.mark.parametrize("per_sm", [0, 1, -3])
-@pytest.mark.parametrize("form", ["shipped", "no_uniform", "one_partition"])
-def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype, factors, tail, per_sm, form):
+@pytest.mark.parametrize("uniform", [True, False])
+def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype, factors, tail, per_sm, uniform):
     """The Gluon pooled kernel (``hopper.py``) on pooled-only lists against the float32 reference, outputs and
     log-sum-exps NaN-poisoned first; its log-sum-exp against the Triton kernel's. Every pyramid row the list does not
     read holds NaN (``poison_unlisted``): none may leak (runs past a stream's end load zeros). ``per_sm``: one
     program per query tile (0), the persistent grid (1), or 3 programs in all (-3: every program loops over many
-    query tiles, so the rings' slots and phases carry across them)."""
+    query tiles, so the rings' slots, phases and the warpgroups' turns carry across them). ``uniform``: the short
+    softmax on tiles inside one factor's rows, or the column-wise one on every tile."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon pooled kernel needs a Hopper GPU")
     if fa4._pooled_gluon_import_error() is not None:
@@ -455,7 +456,7 @@ def test_gluon_pooled_kernel_matches_reference_gpu(B, Hq, Hkv, Lq, Lk, D, dtype,
     scale = D ** -0.5
     outs = {}
     tiles = dict(hopper.TILES, PROGRAMS_PER_SM=per_sm) if per_sm >= 0 else dict(hopper.TILES, PROGRAMS=-per_sm)
-    tiles.update({"shipped": {}, "no_uniform": {"UNIFORM": False}, "one_partition": {"PINGPONG": False}}[form])
+    tiles["UNIFORM"] = uniform
     gluon = functools.partial(hopper.pooled_launch, tiles=tiles)
     for name, launch in (("gluon", gluon), ("triton", fa4.triton_pooled_launch)):
         out = torch.full((B, Lq, Hq, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)

@@ -45,6 +45,10 @@ _CHILD = textwrap.dedent("""
         from triton.experimental.gluon._runtime import GluonASTSource
         from triton.runtime.jit import mangle_type
 
+        kwargs = dict(kwargs)
+        num_warps = kwargs.pop("num_warps")  # a launch option unless the kernel declares it
+        if "num_warps" in fn.arg_names:
+            kwargs["num_warps"] = num_warps
         signature, attrs = {}, {}
         for i, (name, value) in enumerate(zip(fn.arg_names, args)):
             if isinstance(value, torch.Tensor):
@@ -62,7 +66,7 @@ _CHILD = textwrap.dedent("""
             signature[name] = "constexpr"
         src = GluonASTSource(fn=fn, signature=signature, constexprs=dict(kwargs), attrs=attrs)
         return triton.compile(src, target=GPUTarget("cuda", 90, 64),
-                              options={"num_warps": kwargs["num_warps"], "num_stages": 1})
+                              options={"num_warps": num_warps, "num_stages": 1})
 
     def pooled(D, dtype, factors, tail):
         from psa_vlm.kernels.attention import hopper

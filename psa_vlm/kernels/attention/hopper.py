@@ -7,33 +7,34 @@ with ``+ log2 p`` in the exp2 domain (``+ ln p`` on the natural-log logit), and 
 natural-log log-sum-exp for the level merge (``fa4.merge_levels``). Pooled blocks are complete and entirely in
 the past of their query block (``build_block_lists`` lists only poolable blocks), so no causal mask applies.
 
-What differs from the Triton kernel (it ran 10-12% faster on an H200 at 64k and 128k tokens, same run, bitwise
-equal outputs; ``NOTES_fa4.md`` v6):
+What differs from the Triton kernel (the previous form of this kernel ran 10-12% faster than it on an H200 at 64k
+and 128k tokens, ``NOTES_fa4.md`` v6; this one another 15-17%, v10):
 - warp specialisation: one loader warp (``_ws_producer``) reads each tile's list entries and issues its copies;
-  the program's 8 warps (``_ws_consumer``, two warpgroups of 64 query rows) only wait, multiply and run the
-  softmax. K and V have mbarrier rings of their own (``NSK`` / ``NSV`` slots), released by the MMA warps once
-  the MMAs that read a slot are done;
+  two MMA warpgroups (``_wg_consumer``, 64 query rows each, 4 warps) only wait, multiply and run the softmax. K and
+  V have mbarrier rings of their own (``NSK`` / ``NSV`` slots), a slot released once both warpgroups' MMAs that
+  read it are done;
+- FlashAttention-3's ping-pong (Shah et al. 2024, section 3.1): the warpgroups' MMA turns alternate through two
+  mbarriers (``_turn``), a turn issuing the logits of tile ``t`` together with ``P V`` of tile ``t - 1``, so one
+  warpgroup's softmax runs while the other's MMAs occupy the tensor cores. (Within a warpgroup ptxas, CUDA 12.8
+  and 13.0 alike, runs the softmax and the MMAs back to back whatever the program order: ``NOTES_fa4.md`` v6, v9.)
+  A tile inside one factor's rows (most tiles) takes a shorter softmax (``_softmax_uniform``);
 - the gather: each tile's ``BN`` pyramid rows are ``BN / CH`` runs of ``CH = bk / max(p)`` consecutive rows
   (a run never crosses a list entry), each one TMA copy into its row slice of the shared-memory tile; runs past
   the stream's end are copied from past the end of the tensor, which TMA fills with zeros (a NaN anywhere in an
   unlisted row stays hidden, as in the Triton kernel's masked loads);
 - ``P`` stays in registers as the A operand of the ``P V`` wgmma;
-- both partitions loop over work items (query tiles, ``_query_tile``: heaviest first), with ring slots and phases
-  carried across items, so the grid is either one program per query tile (``TILES["PROGRAMS_PER_SM"] = 0``, the
-  default) or persistent (``n`` programs per multiprocessor: the loader runs into the next query tile while the MMA
-  warps finish the previous one; alone 1-4% faster on the (4, 8) tail but 23% slower on the (2, 4, 8) tail at 128k,
-  whole calls 0-1.5% faster: not the default, ``NOTES_fa4.md`` v9).
-The logits of tile ``t + 1`` are issued before the softmax of tile ``t`` in program order (FlashAttention-3's
-intra-warpgroup overlap, Shah et al. 2024, section 3.2), but ptxas (CUDA 12.8 and 13.0 alike) schedules the
-softmax first (seen in the SASS), so the two run back to back; 64-row key tiles (where ptxas does overlap them)
-and two free-running warpgroups were measured slower (``NOTES_fa4.md`` v6), and ``P`` through shared memory (where
-ptxas does keep the softmax of tile ``t`` beside the ``P V`` of tile ``t - 1``) ran within 1% (v9). Nsight Compute
-puts the tensor pipe at 43% and ~16% of the launch in per-program costs (v9).
+- all partitions loop over work items (query tiles, ``_query_tile``: heaviest first), with ring slots, phases and
+  turns carried across items, so the grid is either one program per query tile (``TILES["PROGRAMS_PER_SM"] = 0``,
+  the default) or persistent (``n`` programs per multiprocessor: the loader runs into the next query tile while the
+  MMA warps finish the previous one; measured within a few percent either way, not the default, ``NOTES_fa4.md`` v9,
+  v10).
+Nsight Compute puts the tensor pipe at 52% (43% before the ping-pong) and ~16-19% of the launch at 64k in
+per-program costs (v9, v10).
 
 Limits (``pooled_unsupported`` says which, the caller then runs the Triton kernel): compute capability 9.x,
 Triton >= 3.6 with Gluon, float16 / bfloat16 (the pyramid in ``q``'s dtype), head_dim 64 or 128, ``bq`` a multiple
-of 128, ``bk`` a power of two with ``bk / max(p)`` >= 8 and ``bk / 2`` <= 128, the pyramid ``[B, Hkv, R, D]``
-contiguous, ``out`` and ``lse`` with a contiguous last dimension. A factor-1 entry in the list, or a factor
+of 128 (``TILES["BM"]`` 128: two warpgroups of 64 rows), ``bk`` a power of two with ``bk / max(p)`` >= 8 and
+``bk / 2`` <= 128, the pyramid ``[B, Hkv, R, D]`` contiguous, ``out`` and ``lse`` with a contiguous last dimension. A factor-1 entry in the list, or a factor
 missing from the pyramid, fills the query block's rows with NaN (the caller passes pooled factors only; nothing
 is checked on the host, which would synchronise); tiles whose shared memory exceeds 227 KB (``shared_bytes``). Not
 runnable under ``TRITON_INTERPRET=1``: the CPU tests compile it for sm_90a (``tests/kernels/test_gluon_compile.py``:
@@ -158,61 +159,6 @@ def _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_
 
 
 @gluon.jit
-def _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, g0, qk_scale, r2, e4, n_rows,
-                 BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSK: gl.constexpr, NSV: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """MMA warps on one query tile: logits of tile ``t + 1`` issued, softmax of tile ``t``, its ``P V`` product,
-    both waited for, then the K slot of tile ``t + 1`` and the V slot of tile ``t`` released to the loader (after a
-    barrier of the partition: both warpgroups are done with them); ``g0`` as in ``_ws_producer``. Returns
-    ``(acc, m_i, l_i)`` (exp2-domain statistics)."""
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, BN, 16])
-    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, D, 16])
-    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
-    rows_s: gl.constexpr = gl.SliceLayout(1, mma_s)
-    rows_o: gl.constexpr = gl.SliceLayout(1, mma_o)
-    cols_s: gl.constexpr = gl.SliceLayout(0, mma_s)
-    m_i = gl.full([BM], float("-inf"), gl.float32, rows_s)
-    l_i = gl.zeros([BM], gl.float32, rows_s)
-    acc = gl.zeros([BM, D], gl.float32, mma_o)
-    zero_s = gl.zeros([BM, BN], gl.float32, mma_s)
-    if n_tiles > 0:
-        sk0 = g0 % NSK
-        mbarrier.wait(full_k.index(sk0), (g0 // NSK) & 1)
-        s = warpgroup_mma(q_smem, k_smem.index(sk0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        _cta_barrier()  # both warpgroups are done with the slot
-        mbarrier.arrive(empty_k.index(sk0))
-        for t in range(0, n_tiles - 1):
-            g = g0 + t
-            sv = g % NSV
-            sk1 = (g + 1) % NSK
-            mbarrier.wait(full_k.index(sk1), ((g + 1) // NSK) & 1)
-            s_nx = warpgroup_mma(q_smem, k_smem.index(sk1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            p, alpha, m_i, l_i = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-            pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
-            mbarrier.wait(full_v.index(sv), (g // NSV) & 1)
-            acc = warpgroup_mma(pa, v_smem.index(sv), acc, is_async=True)
-            s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_nx, acc))
-            _cta_barrier()
-            mbarrier.arrive(empty_k.index(sk1))
-            mbarrier.arrive(empty_v.index(sv))
-        t = n_tiles - 1
-        p, alpha, m_i, l_i = _softmax(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-        pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
-        g = g0 + t
-        mbarrier.wait(full_v.index(g % NSV), (g // NSV) & 1)
-        acc = warpgroup_mma(pa, v_smem.index(g % NSV), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        _cta_barrier()  # both warpgroups are done with the V slot (the next query tile of a persistent program)
-        mbarrier.arrive(empty_v.index(g % NSV))
-    return acc, m_i, l_i
-
-
-@gluon.jit
 def _epilogue(acc, m_i, l_i, n_bad, o_base, stride_om, l_base, row0, Lq, ROWS: gl.constexpr, D: gl.constexpr,
               HAS_LSE: gl.constexpr, num_warps: gl.constexpr):
     """Rows ``row0 ..`` of the output and their log-sum-exp. Rows that saw no key give zeros, a NaN/inf the row
@@ -296,38 +242,6 @@ def _pp_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_
         _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2,
                      c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN, CH, RP2, RP4, RP8, NCH,
                      NSK, NSV)
-        g0 += n_tiles
-
-
-@gluon.jit
-def _pp_consumer(q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr, out_ptr,
-                 lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
-                 stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, BH, Hq, G, Hkv, R, Lq,
-                 n_tiles_q, n_items, qk_scale, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr,
-                 HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
-                 NSK: gl.constexpr, NSV: gl.constexpr, num_warps: gl.constexpr):
-    """MMA warps over this program's query tiles: the query tile into shared memory, ``_ws_consumer`` on its stream,
-    then the epilogue (output rows and log-sum-exps)."""
-    io_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, io_l))
-    g0 = 0
-    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        b64, h64, tile_m, _, _, _, _, n_bad, r2, e4, n_rows, _ = _query_tile(
-            item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, stride_cc, BH,
-            Hq, G, Hkv, R, n_tiles_q, BM, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
-        n_tiles = gl.cdiv(n_rows, BN)
-        offs_m = tile_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, io_l))
-        q = gl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + gl.expand_dims(offs_m.to(gl.int64) * stride_qm, 1)
-                    + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(offs_m < Lq, 1), other=0.0)
-        _cta_barrier()  # both warpgroups are done with the previous query tile's logits
-        q_smem.store(q)
-        fence_async_shared()
-        _cta_barrier()
-        acc, m_i, l_i = _ws_consumer(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, n_tiles, g0,
-                                     qk_scale, r2, e4, n_rows, BM, BN, D, NSK, NSV, num_warps)
-        _epilogue(acc, m_i, l_i, n_bad, out_ptr + b64 * stride_ob + h64 * stride_oh, stride_om,
-                  lse_ptr + b64 * stride_lb + h64 * stride_lh, tile_m * BM, Lq, BM, D, HAS_LSE, num_warps)
         g0 += n_tiles
 
 
@@ -460,13 +374,13 @@ def _pooled_gluon_kernel(
     D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_KV: gl.constexpr,
     CH: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
     NSK: gl.constexpr, NSV: gl.constexpr, PRODUCER_REGS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-    KV_LAYOUT: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, UNIFORM: gl.constexpr,
-    num_warps: gl.constexpr,
+    KV_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, UNIFORM: gl.constexpr,
 ):
     """Programs over the ``n_items = BH x n_tiles_q`` query tiles (``_query_tile``: heaviest first), program ``p``
     taking items ``p, p + num_programs, ...``: one program per item, or a persistent grid whose loader warp runs into
-    the next query tile's K / V while the MMA warps finish the previous one. ``_pp_consumer`` (the program's warps)
-    and ``_pp_producer`` (one extra warp) on mbarrier rings whose slots and phases continue across query tiles."""
+    the next query tile's K / V while the MMA warps finish the previous one. Two ``_wg_consumer`` warpgroups (the
+    program's 4 warps and 4 more, ``CONSUMER_REGS`` registers) whose MMA turns alternate through ``sched``, and
+    ``_pp_producer`` (one extra warp), on mbarrier rings whose slots and phases continue across query tiles."""
     NCH: gl.constexpr = BN // CH
     RP2: gl.constexpr = BLOCK_KV // 2
     RP4: gl.constexpr = BLOCK_KV // 4
@@ -480,47 +394,34 @@ def _pooled_gluon_kernel(
     empty_k = gl.allocate_shared_memory(gl.int64, [NSK, 1], mbarrier.MBarrierLayout())
     empty_v = gl.allocate_shared_memory(gl.int64, [NSV, 1], mbarrier.MBarrierLayout())
     sched = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    CONSUMERS: gl.constexpr = 2 if PINGPONG else 1  # arrivals that release a ring slot
-    for si in gl.static_range(NSK):
+    for si in gl.static_range(NSK):  # a slot is free once both warpgroups have arrived
         mbarrier.init(full_k.index(si), count=1)
-        mbarrier.init(empty_k.index(si), count=CONSUMERS)
+        mbarrier.init(empty_k.index(si), count=2)
     for si in gl.static_range(NSV):
         mbarrier.init(full_v.index(si), count=1)
-        mbarrier.init(empty_v.index(si), count=CONSUMERS)
+        mbarrier.init(empty_v.index(si), count=2)
     for si in gl.static_range(2):
         mbarrier.init(sched.index(si), count=1)
     fence_async_shared()
     _cta_barrier()
 
-    if PINGPONG:  # the kernel's 4 warps are warpgroup 0, a 4-warp worker warpgroup 1
-        gl.warp_specialize(
-            [(_wg_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, idx_ptr, cnt_ptr,
-                             out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
-                             stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
-                             stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, 0, D, BM, BN, BLOCK_Q,
-                             RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM)),
-             (_wg_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, idx_ptr, cnt_ptr,
-                             out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
-                             stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
-                             stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, 1, D, BM, BN, BLOCK_Q,
-                             RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM)),
-             (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
-                             stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc,
-                             BH, Hq, G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH,
-                             RP2, RP4, RP8, NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
-            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize(
-            [(_pp_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr, out_ptr,
-                             lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq, stride_cb,
-                             stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, BH, Hq,
-                             G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, D, BM, BN, BLOCK_Q, RP2, RP4, RP8, HAS_P2,
-                             HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, num_warps)),
-             (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
-                             stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc, BH, Hq,
-                             G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH, RP2, RP4, RP8,
-                             NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
-            [1], [PRODUCER_REGS])
+    # the kernel's 4 warps are warpgroup 0 (the default partition), a 4-warp worker warpgroup 1, the loader warp
+    gl.warp_specialize(
+        [(_wg_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, idx_ptr, cnt_ptr,
+                         out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
+                         stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
+                         stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, 0, D, BM, BN, BLOCK_Q,
+                         RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM)),
+         (_wg_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, idx_ptr, cnt_ptr,
+                         out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
+                         stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
+                         stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, 1, D, BM, BN, BLOCK_Q,
+                         RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM)),
+         (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
+                         stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc,
+                         BH, Hq, G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH,
+                         RP2, RP4, RP8, NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
+        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     # every arrive and wait is done once the partitions have joined; PTX asks for mbarrier.inval before the
     # barriers' shared memory may be reused
     for si in gl.static_range(NSK):
@@ -533,14 +434,14 @@ def _pooled_gluon_kernel(
         mbarrier.invalidate(sched.index(si))
 
 
-#: Tiles (H200, ``NOTES_fa4.md`` v6): 128 query rows x 128 pyramid rows, 8 MMA warps (two warpgroups of 64 rows)
+#: Tiles (H200, ``NOTES_fa4.md`` v6 and v10): 128 query rows x 128 pyramid rows, two MMA warpgroups of 64 rows in
+#: ping-pong (``CONSUMER_REGS`` for the worker warpgroup; the other gets what is left: 200-208, no spills at D 128)
 #: plus the loader warp (88 registers: fewer spill its entry vectors), K and V double-buffered (3 slots: no gain in
-#: v6c, and at D 128 they no longer fit next to the epilogue's conversion tile).
-#: ``PROGRAMS_PER_SM``: 0 launches one program per query tile; ``n`` a persistent grid of ``n`` programs per
-#: multiprocessor (one fits: ~192 KB of shared memory), each looping over query tiles (``NOTES_fa4.md`` v9);
+#: v6c). ``UNIFORM``: the short softmax on tiles inside one factor's rows (v10; False: the column-wise form on every
+#: tile). ``PROGRAMS_PER_SM``: 0 launches one program per query tile; ``n`` a persistent grid of ``n`` programs per
+#: multiprocessor (one fits: ~176 KB of shared memory), each looping over query tiles (``NOTES_fa4.md`` v9);
 #: ``PROGRAMS`` (tests), when set, the number of programs itself.
-TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, num_warps=8, PROGRAMS_PER_SM=0, PINGPONG=True,
-             CONSUMER_REGS=208, UNIFORM=True)
+TILES = dict(BM=128, BN=128, NSK=2, NSV=2, PRODUCER_REGS=88, CONSUMER_REGS=208, UNIFORM=True, PROGRAMS_PER_SM=0)
 
 
 #: Shared memory one CTA may use on Hopper (227 KB, the opt-in maximum of compute capability 9.0).
@@ -550,12 +451,11 @@ SHARED_LIMIT = 227 * 1024
 def shared_bytes(tiles: dict, D: int) -> int:
     """Shared memory the kernel allocates with ``tiles`` at head_dim ``D`` (bytes, 16-bit elements): the query tile,
     the K and V rings, the epilogue's layout conversion of the output (inside the MMA partitions, so it cannot reuse
-    the rings: the whole output tile with one MMA partition, 8 KB per warpgroup in ping-pong) and 8 bytes per mbarrier;
-    the compile adds a few bytes of alignment (196,676 bytes at the shipped tiles and D 128 against 196,672 here;
-    Triton reports the exact figure)."""
+    the rings: 8 KB per warpgroup, converted in rounds) and 8 bytes per mbarrier; the compile adds a few bytes of
+    alignment (180,312 bytes at the shipped tiles and D 128 against 180,304 here; Triton reports the exact figure)."""
     BM, BN = tiles["BM"], tiles["BN"]
-    scratch = 2 * 8192 if tiles.get("PINGPONG") else 2 * BM * D
-    return 2 * (BM * D + (tiles["NSK"] + tiles["NSV"]) * BN * D) + scratch + 8 * (2 * (tiles["NSK"] + tiles["NSV"]) + 2)
+    slots = tiles["NSK"] + tiles["NSV"]
+    return 2 * (BM * D + slots * BN * D) + 2 * 8192 + 8 * (2 * slots + 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -586,6 +486,8 @@ def pooled_unsupported(q: torch.Tensor, k_pooled: torch.Tensor, v_pooled: torch.
         return f"a pyramid in {k_pooled.dtype} / {v_pooled.dtype} with q in {q.dtype} (one dtype only)"
     if D not in (64, 128):
         return f"head_dim {D} (64 or 128 only)"
+    if tiles["BM"] != 128:
+        return f"tiles BM {tiles['BM']} (128 only: two warpgroups of 64 query rows)"
     if block_q % tiles["BM"]:
         return f"block_q {block_q} (a multiple of {tiles['BM']} only)"
     pooled = [int(p) for p in factors if int(p) != 1]
@@ -642,7 +544,6 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
     per_sm = int(tiles.get("PROGRAMS_PER_SM", 0))
     programs = n_items if per_sm <= 0 else per_sm * _sm_count(q.device.index or 0)
     programs = max(1, min(n_items, int(tiles.get("PROGRAMS", 0)) or programs))
-    pingpong = tiles.get("PINGPONG", False)
     _pooled_gluon_kernel[(programs,)](
         q, k_desc, v_desc, kv_idx, counts, out, lse_t,
         q.stride(0), q.stride(1), q.stride(2), *kv_idx.stride(), *counts.stride(), out.stride(0), out.stride(1),
@@ -652,9 +553,7 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
         D=D, BM=BM, BN=BN, BLOCK_Q=block_q, BLOCK_KV=block_k, CH=CH, HAS_P2=2 in pooled, HAS_P4=4 in pooled,
         HAS_P8=8 in pooled, HAS_LSE=lse is not None, NSK=tiles["NSK"], NSV=tiles["NSV"],
         PRODUCER_REGS=tiles["PRODUCER_REGS"], Q_LAYOUT=_nvmma_layout((BM, D), fp16), KV_LAYOUT=layout,
-        PINGPONG=bool(pingpong), CONSUMER_REGS=int(tiles.get("CONSUMER_REGS", 208)),
-        UNIFORM=bool(tiles.get("UNIFORM", True)),
-        num_warps=4 if pingpong else tiles["num_warps"])
+        CONSUMER_REGS=tiles["CONSUMER_REGS"], UNIFORM=bool(tiles["UNIFORM"]), num_warps=4)
 
 
 def pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int, factors,
