@@ -14,12 +14,13 @@ its partial output ``O_p`` and log-sum-exp ``lse_p`` (natural log, over ``scale 
 By default (``TRITON_POOLED_FACTORS = (4, 8)``) the 4x- and 8x-pooled levels instead run together in one launch
 that packs several pooled blocks into one 128-row tile (FlashAttention-4 shrinks its KV tile to ``bk / p`` = 32
 and 16 rows there): ``pooled_launch``, the Gluon kernel of ``hopper.py`` on Hopper (compute capability 9.x,
-Triton >= 3.6; 10-12% faster than the Triton kernel's pooled stream, bitwise equal outputs), the Triton kernel's
+Triton >= 3.6; 26% less time than the Triton kernel's pooled stream, outputs within 1e-4), the Triton kernel's
 pooled stream elsewhere or where the Gluon kernel cannot run the call (``hopper.pooled_unsupported``, logged once
 per reason) or failed to compile with this Triton (logged once; the Triton kernel for the rest of the process).
 That launch writes its own log-sum-exp, which already holds the ``+ ln p`` of its pooled logits. Measured on an
 H200 the packed launch made the attend stage 0-8% faster than one FlashAttention-4 launch per level, and the
-Gluon kernel another 1-5% (1-2% in the final tree's run; ``NOTES_fa4.md`` v2, v6).
+Gluon kernel another 1-5% (1-2% in the final tree's run; ``NOTES_fa4.md`` v2, v6), its warpgroups' ping-pong
+another 2-3% of the whole call (v10).
 
 The merge then weights each partial by ``exp(lse_p + ln p - LSE)`` with ``LSE = logsumexp_p(lse_p + ln p)``.
 Adding ``ln p`` to a level's log-sum-exp is the same as adding ``ln p`` to every pooled logit (PSA's bias), so no
@@ -768,8 +769,9 @@ def pooled_launch(
     factors: Sequence[int], scale: float,
 ) -> None:
     """Attention of every query block over the pooled entries of its block list, in one launch, on the kernel
-    ``pooled_engine`` picks (``attend_by_levels``' ``pooled_launch``; the Gluon kernel's outputs equal the Triton
-    kernel's, checked bit for bit on an H200).
+    ``pooled_engine`` picks (``attend_by_levels``' ``pooled_launch``; the Gluon kernel's outputs agree with the
+    Triton kernel's to a relative 1e-4 on an H200: its uniform-tile softmax rounds differently, ``NOTES_fa4.md``
+    v10).
 
     Args:
         q: ``[B, Hq, Lq, D]`` float16 / bfloat16; k, v: ``[B, Hkv, Lk, D]`` (only ``Lk`` is read).
