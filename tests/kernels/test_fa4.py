@@ -259,6 +259,21 @@ def pooled_as_on_hopper(monkeypatch):
     return hopper
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf")])
+def test_gluon_pooled_launch_refuses_a_bad_scale(scale):
+    """The Gluon kernel's uniform-tile softmax takes the row maximum of the unscaled logits, which is right only for
+    a positive scale: ``launch`` refuses any other before touching the device (``psa_attention`` validates it too)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from psa_vlm.kernels.attention import hopper
+
+    q = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)
+    kp = torch.zeros(1, 1, 112, 64, dtype=torch.bfloat16)
+    idx, counts = torch.zeros(1, 2, 1, 1, dtype=torch.int32), torch.zeros(1, 2, 1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        hopper.launch(q, kp, kp, idx, counts, torch.empty_like(q), None, Lk=128, block_q=128, block_k=128,
+                      factors=(2, 4, 8), scale=scale)
+
+
 def test_pooled_unsupported_names_the_limit(pooled_as_on_hopper, monkeypatch):
     hopper = pooled_as_on_hopper
     (q, k, v, kp, vp, tidx, tcounts), _ = _pooled_case()

@@ -34,8 +34,9 @@ per-program costs (v9, v10).
 Limits (``pooled_unsupported`` says which, the caller then runs the Triton kernel): compute capability 9.x,
 Triton >= 3.6 with Gluon, float16 / bfloat16 (the pyramid in ``q``'s dtype), head_dim 64 or 128, ``bq`` a multiple
 of 128 (``TILES["BM"]`` 128: two warpgroups of 64 rows), ``bk`` a power of two with ``bk / max(p)`` >= 8 and
-``bk / 2`` <= 128, the pyramid ``[B, Hkv, R, D]`` contiguous, ``out`` and ``lse`` with a contiguous last dimension. A factor-1 entry in the list, or a factor
-missing from the pyramid, fills the query block's rows with NaN (the caller passes pooled factors only; nothing
+``bk / 2`` <= 128, the pyramid ``[B, Hkv, R, D]`` contiguous, ``out`` and ``lse`` with a contiguous last
+dimension, a positive ``scale`` (``launch`` raises otherwise). A factor-1 entry in the list, or a factor missing
+from the pyramid, fills the query block's rows with NaN (the caller passes pooled factors only; nothing
 is checked on the host, which would synchronise); tiles whose shared memory exceeds 227 KB (``shared_bytes``). Not
 runnable under ``TRITON_INTERPRET=1``: the CPU tests compile it for sm_90a (``tests/kernels/test_gluon_compile.py``:
 Hopper instructions, shared memory against ``shared_bytes``), the GPU tier checks it against the reference. Nothing
@@ -45,6 +46,7 @@ here is imported by ``import psa_vlm``.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from triton.experimental import gluon
@@ -520,8 +522,14 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
         lse: float32 ``[B, Hq, Lq]`` (last dimension contiguous) receiving its natural-log log-sum-exp, or None.
         Lk: key length (the pyramid holds ``Lk // block_k`` complete blocks per level).
         factors: the pyramid's factors (ascending); a listed factor outside them gives NaN rows.
-        scale: softmax scale.
+        scale: softmax scale, positive and finite (the uniform-tile softmax takes the row maximum of the unscaled
+            logits, which is the scaled logits' maximum only for a positive scale).
+
+    Raises:
+        ValueError: ``scale`` is not a positive finite number.
     """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     B, Hq, Lq, D = q.shape
     Hkv, R = k_pooled.shape[1], k_pooled.shape[2]
     BM, BN = tiles["BM"], tiles["BN"]
