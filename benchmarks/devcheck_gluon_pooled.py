@@ -47,10 +47,13 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
 
 #: kernel variants checked and timed: the shipped tiles (two MMA warpgroups in FlashAttention-3's ping-pong with the
 #: uniform-tile softmax; ``NOTES_fa4.md`` v10), the other grid (one program per query tile / a persistent grid of one
-#: program per multiprocessor; v9), and the column-wise softmax on every tile. The one-partition form (8 MMA warps,
-#: v6-v9) was timed against the ping-pong in v10 (commit 14a23cb) and removed.
-VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "no_uniform": dict(UNIFORM=False)}
-TIMED = ("default", "other_grid", "no_uniform")
+#: program per multiprocessor; v9), the column-wise softmax on every tile, and a 3-slot K ring (213 KB of shared
+#: memory; it fits again since the ping-pong halved the epilogue's scratch; not yet run: with the warpgroups half a
+#: turn apart a third slot may let the loader run further ahead). The one-partition form (8 MMA warps, v6-v9) was
+#: timed against the ping-pong in v10 (commit 14a23cb) and removed.
+VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "no_uniform": dict(UNIFORM=False),
+            "k_ring3": dict(NSK=3)}
+TIMED = ("default", "other_grid", "no_uniform", "k_ring3")
 
 
 def _tiles(variant: str) -> dict:
