@@ -188,12 +188,13 @@ def _epilogue(acc, m_i, l_i, n_bad, o_base, stride_om, l_base, row0, Lq, ROWS: g
 
 @gluon.jit
 def _query_tile(item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, stride_cc,
-                BH, Hq, G, Hkv, R, n_tiles_q, BM: gl.constexpr, BLOCK_Q: gl.constexpr, RP2: gl.constexpr,
-                RP4: gl.constexpr, RP8: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr,
+                BH, Hq, G, Hkv, R, n_tiles_q, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr,
+                RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr,
                 HAS_P8: gl.constexpr):
     """Work item ``item`` of ``BH * n_tiles_q`` (heaviest query tiles first, the Triton kernel's order): ``(b64, h64,
-    tile_m, idx_base, c1, c2, c4, n_bad, r2, e4, n_rows, kv_row0)``, the stream's rows per factor included; a factor
-    missing from the pyramid counts its entries in ``n_bad`` (the rows become NaN) and streams nothing."""
+    tile_m, idx_base, c1, c2, c4, n_bad, r2, e4, n_rows, kv_row0, n_tiles)``, the stream's rows per factor and its
+    ``BN``-row tiles included (the loader and both warpgroups derive them here, so they agree); a factor missing from
+    the pyramid counts its entries in ``n_bad`` (the rows become NaN) and streams nothing."""
     tile_m = n_tiles_q - 1 - item // BH
     pid_bh = item % BH
     i = tile_m // (BLOCK_Q // BM)
@@ -223,7 +224,7 @@ def _query_tile(item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_
     e4 = r2 + r4
     n_rows = e4 + r8
     kv_row0 = (b * Hkv + h // G) * R
-    return b64, h64, tile_m, idx_base, c1, c2, c4, n_bad, r2, e4, n_rows, kv_row0
+    return b64, h64, tile_m, idx_base, c1, c2, c4, n_bad, r2, e4, n_rows, kv_row0, gl.cdiv(n_rows, BN)
 
 
 @gluon.jit
@@ -237,10 +238,9 @@ def _pp_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_
     runs into the rings, continuing into the next query tile while the MMA warps finish the previous one."""
     g0 = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        _, _, _, idx_base, c1, c2, c4, _, r2, e4, n_rows, kv_row0 = _query_tile(
+        _, _, _, idx_base, c1, c2, c4, _, r2, e4, n_rows, kv_row0, n_tiles = _query_tile(
             item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, stride_cc, BH,
-            Hq, G, Hkv, R, n_tiles_q, BM, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
-        n_tiles = gl.cdiv(n_rows, BN)
+            Hq, G, Hkv, R, n_tiles_q, BM, BN, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
         _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2,
                      c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN, CH, RP2, RP4, RP8, NCH,
                      NSK, NSV)
@@ -343,10 +343,9 @@ def _wg_consumer(q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v
     g0 = 0
     h = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        b64, h64, tile_m, _, _, _, _, n_bad, r2, e4, n_rows, _ = _query_tile(
+        b64, h64, tile_m, _, _, _, _, n_bad, r2, e4, n_rows, _, n_tiles = _query_tile(
             item, idx_ptr, cnt_ptr, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, stride_cc, BH,
-            Hq, G, Hkv, R, n_tiles_q, BM, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
-        n_tiles = gl.cdiv(n_rows, BN)
+            Hq, G, Hkv, R, n_tiles_q, BM, BN, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
         row0 = tile_m * BM + WG * ROWS
         offs_m = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_l))
         q = gl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + gl.expand_dims(offs_m.to(gl.int64) * stride_qm, 1)
