@@ -52,8 +52,13 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
 #: turn apart a third slot may let the loader run further ahead). The one-partition form (8 MMA warps, v6-v9) was
 #: timed against the ping-pong in v10 (commit 14a23cb) and removed.
 VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "no_uniform": dict(UNIFORM=False),
-            "k_ring3": dict(NSK=3)}
-TIMED = ("default", "other_grid", "no_uniform", "k_ring3")
+            "k_ring3": dict(NSK=3), "named": dict(NAMED_TURN=True), "pair": dict(PAIR_RELEASE=True),
+            "named_pair": dict(NAMED_TURN=True, PAIR_RELEASE=True),
+            "named_pair_other_grid": dict(NAMED_TURN=True, PAIR_RELEASE=True, PROGRAMS_PER_SM=None),
+            "named_k_ring3": dict(NAMED_TURN=True, NSK=3),
+            # checked, not timed: three programs over every query tile (release events carried across items)
+            "named_pair_3prog": dict(NAMED_TURN=True, PAIR_RELEASE=True, PROGRAMS=3)}
+TIMED = ("default", "other_grid", "k_ring3", "named", "pair", "named_pair", "named_pair_other_grid", "named_k_ring3")
 
 
 def _tiles(variant: str) -> dict:
@@ -183,6 +188,8 @@ def timings(lengths, presets) -> list:
                 ("attend_gluon48", functools.partial(hopper.pooled_launch, scale=scale, **kw), (4, 8)),
                 ("attend_gluon48_other_grid", functools.partial(hopper.pooled_launch, scale=scale,
                                                                 tiles=_tiles("other_grid"), **kw), (4, 8)),
+                ("attend_gluon48_named_pair", functools.partial(hopper.pooled_launch, scale=scale,
+                                                                tiles=_tiles("named_pair"), **kw), (4, 8)),
                 ("attend_gluon248", functools.partial(hopper.pooled_launch, scale=scale, **kw), (2, 4, 8)),
             ):
                 o = torch.full_like(q, float("nan"))
