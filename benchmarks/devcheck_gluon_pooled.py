@@ -48,17 +48,12 @@ def tail_list(kv_idx, counts, Lk, bk, factors, tail):
 #: kernel variants checked and timed: the shipped tiles (two MMA warpgroups in FlashAttention-3's ping-pong with the
 #: uniform-tile softmax; ``NOTES_fa4.md`` v10), the other grid (one program per query tile / a persistent grid of one
 #: program per multiprocessor; v9), the column-wise softmax on every tile, and a 3-slot K ring (213 KB of shared
-#: memory; it fits again since the ping-pong halved the epilogue's scratch; not yet run: with the warpgroups half a
-#: turn apart a third slot may let the loader run further ahead). The one-partition form (8 MMA warps, v6-v9) was
-#: timed against the ping-pong in v10 (commit 14a23cb) and removed.
+#: memory; v11: no faster). The one-partition form (8 MMA warps, v6-v9) was timed against the ping-pong in v10
+#: (commit 14a23cb) and removed; named-barrier turns and one release event per turn were timed in v11 (commit a70db2d,
+#: ``eval/results/devcheck_gluon_pooled_a70db2d-barriers.json``) and removed.
 VARIANTS = {"default": {}, "other_grid": dict(PROGRAMS_PER_SM=None), "no_uniform": dict(UNIFORM=False),
-            "k_ring3": dict(NSK=3), "named": dict(NAMED_TURN=True), "pair": dict(PAIR_RELEASE=True),
-            "named_pair": dict(NAMED_TURN=True, PAIR_RELEASE=True),
-            "named_pair_other_grid": dict(NAMED_TURN=True, PAIR_RELEASE=True, PROGRAMS_PER_SM=None),
-            "named_k_ring3": dict(NAMED_TURN=True, NSK=3),
-            # checked, not timed: three programs over every query tile (release events carried across items)
-            "named_pair_3prog": dict(NAMED_TURN=True, PAIR_RELEASE=True, PROGRAMS=3)}
-TIMED = ("default", "other_grid", "k_ring3", "named", "pair", "named_pair", "named_pair_other_grid", "named_k_ring3")
+            "k_ring3": dict(NSK=3)}
+TIMED = ("default", "other_grid", "no_uniform", "k_ring3")
 
 
 def _tiles(variant: str) -> dict:
@@ -188,8 +183,6 @@ def timings(lengths, presets) -> list:
                 ("attend_gluon48", functools.partial(hopper.pooled_launch, scale=scale, **kw), (4, 8)),
                 ("attend_gluon48_other_grid", functools.partial(hopper.pooled_launch, scale=scale,
                                                                 tiles=_tiles("other_grid"), **kw), (4, 8)),
-                ("attend_gluon48_named_pair", functools.partial(hopper.pooled_launch, scale=scale,
-                                                                tiles=_tiles("named_pair"), **kw), (4, 8)),
                 ("attend_gluon248", functools.partial(hopper.pooled_launch, scale=scale, **kw), (2, 4, 8)),
             ):
                 o = torch.full_like(q, float("nan"))

@@ -3,9 +3,7 @@
 ``--ab streams`` (default): the side stream (``fa4.CONCURRENT_LEVELS``) on / off. ``--ab persistent``: the pooled
 Gluon kernel on a persistent grid against one program per query tile (``hopper.TILES["PROGRAMS_PER_SM"]`` 1 / 0).
 ``--ab uniform``: its short softmax on tiles inside one factor's rows against the column-wise one on every tile
-(``hopper.TILES["UNIFORM"]`` True / False). ``--ab barriers``: its ping-pong turns on named barriers with one release
-event per turn against mbarrier turns with separate K and V releases (``NAMED_TURN`` and ``PAIR_RELEASE`` both on /
-both off). (``--ab pingpong``, the ping-pong against one 8-warp MMA partition, ran at
+(``hopper.TILES["UNIFORM"]`` True / False). (``--ab pingpong``, the ping-pong against one 8-warp MMA partition, ran at
 commit 14a23cb before the one-partition form was removed: ``devcheck_streams_pingpong_ddfbd84-pingpong.json``.)
 The H200's SM clock moves with power (1.4-1.98 GHz under these loads), so A and B are timed *interleaved*: every
 round times A, then B, and the report gives the median of each and the median of the per-round ratios A / B.
@@ -59,13 +57,9 @@ def _switches():
     def uniform(flag):  # the pooled Gluon kernel's uniform-tile softmax (NOTES_fa4.md v10); None: the shipped form
         fa4.POOLED_OVERRIDES = {} if flag is None else {"GLUON_TILES": {"UNIFORM": flag}}
 
-    def barriers(flag):  # named-barrier turns + one release event per turn (NOTES_fa4.md v11); None: the shipped form
-        fa4.POOLED_OVERRIDES = {} if flag is None else {"GLUON_TILES": {"NAMED_TURN": flag, "PAIR_RELEASE": flag}}
-
     return {"streams": ("side stream", "one stream", streams, True),
             "persistent": ("persistent pooled grid", "one program per query tile", grid, None),
-            "uniform": ("uniform-tile softmax", "column-wise softmax", uniform, None),
-            "barriers": ("named turns + paired release", "mbarrier turns + K / V release", barriers, None)}
+            "uniform": ("uniform-tile softmax", "column-wise softmax", uniform, None)}
 
 
 def _ab(fn, setter, default, rounds: int, n: int) -> dict:
@@ -100,10 +94,9 @@ def main() -> int:
     ap.add_argument("--prefill-preset", default="quota-0.2")
     ap.add_argument("--prefill-rounds", type=int, default=5)
     ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--ab", choices=["streams", "persistent", "uniform", "barriers"], default="streams",
+    ap.add_argument("--ab", choices=["streams", "persistent", "uniform"], default="streams",
                     help="streams: fa4.CONCURRENT_LEVELS on / off; persistent: the pooled Gluon kernel's grid; "
-                         "uniform: its softmax on tiles inside one factor's rows; barriers: its named-barrier turns "
-                         "and paired slot release")
+                         "uniform: its softmax on tiles inside one factor's rows")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     import triton

@@ -144,11 +144,9 @@ def _softmax_tile(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN: gl.constexpr, co
 def _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2, c4,
                  r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN: gl.constexpr,
                  CH: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr, NCH: gl.constexpr,
-                 NSK: gl.constexpr, NSV: gl.constexpr, PAIR: gl.constexpr):
+                 NSK: gl.constexpr, NSV: gl.constexpr):
     """Loader warp: the list entries and the K / V runs of every tile of one query tile into the rings (``NSK`` /
-    ``NSV`` slots); ``g0``: the tiles this program streamed before (ring slots and phases continue from it).
-    ``PAIR``: ``empty_k`` and ``empty_v`` are one ring of release events, event ``e`` freeing K of tile ``e`` and V of
-    tile ``e - 1`` (``_wg_stream``), so V of tile ``g`` waits for event ``g - NSV + 1``."""
+    ``NSV`` slots); ``g0``: the tiles this program streamed before (ring slots and phases continue from it)."""
     rep_l: gl.constexpr = gl.BlockedLayout([NCH], [32], [1], [0])
     for t in range(0, n_tiles):
         rows = _tile_rows(idx_base, stride_ie, t, c1, c2, c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8,
@@ -158,10 +156,7 @@ def _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_
         mbarrier.wait(empty_k.index(sk), ((g // NSK) & 1) ^ 1)  # the first round passes: the slots start empty
         _issue(k_desc, k_smem.index(sk), full_k.index(sk), rows, True, CH, NCH, rep_l)
         sv = g % NSV
-        if PAIR:
-            mbarrier.wait(empty_v.index((g + 1) % NSV), (((g + 1) // NSV) & 1) ^ 1)
-        else:
-            mbarrier.wait(empty_v.index(sv), ((g // NSV) & 1) ^ 1)
+        mbarrier.wait(empty_v.index(sv), ((g // NSV) & 1) ^ 1)
         _issue(v_desc, v_smem.index(sv), full_v.index(sv), rows, True, CH, NCH, rep_l)
 
 
@@ -238,7 +233,7 @@ def _pp_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_
                  n_tiles_q, n_items, oob_row, off2, off4, off8, BM: gl.constexpr, BN: gl.constexpr,
                  BLOCK_Q: gl.constexpr, CH: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr,
                  NCH: gl.constexpr, NSK: gl.constexpr, NSV: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr,
-                 HAS_P8: gl.constexpr, PAIR: gl.constexpr):
+                 HAS_P8: gl.constexpr):
     """Loader warp over this program's query tiles (items ``program_id, + num_programs, ...``): each tile's K / V
     runs into the rings, continuing into the next query tile while the MMA warps finish the previous one."""
     g0 = 0
@@ -248,56 +243,28 @@ def _pp_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_
             Hq, G, Hkv, R, n_tiles_q, BM, BN, BLOCK_Q, RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8)
         _ws_producer(k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_base, stride_ie, c1, c2,
                      c4, r2, e4, n_rows, kv_row0, oob_row, off2, off4, off8, n_tiles, g0, BN, CH, RP2, RP4, RP8, NCH,
-                     NSK, NSV, PAIR)
+                     NSK, NSV)
         g0 += n_tiles
 
 
 @gluon.jit
-def _named_barrier(asm: gl.constexpr):
-    """One PTX named-barrier instruction (``bar.sync`` / ``bar.arrive``) executed once by every thread of a 4-warp
-    partition (inline assembly over a one-element-per-thread tensor; its dummy result is unused)."""
-    one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    gl.inline_asm_elementwise(asm, "=r,r", [gl.full([128], 0, gl.int32, one)], dtype=gl.int32, is_pure=False,
-                              pack=1)
-
-
-@gluon.jit
-def _turn(sched, WG: gl.constexpr, h, wait: gl.constexpr, NAMED: gl.constexpr):
+def _turn(sched, WG: gl.constexpr, h, wait: gl.constexpr):
     """FlashAttention-3's warpgroup ping-pong (Shah et al. 2024, section 3.1): warpgroup ``WG``'s MMA turn ``h``
     waits (``wait``) until the other warpgroup has issued its turn ``h - 1`` (``WG`` 1: its turn ``h``), or, after
-    issuing, passes the turn on. Only the order of issue depends on it, never a result.
-
-    ``NAMED``: through two hardware named barriers (ids 14 and 15, 256 threads: one warpgroup arrives, the other
-    syncs; FlashAttention-3's form) instead of the mbarriers ``sched``. Strict alternation keeps a named barrier
-    (which has no phase) from counting one warpgroup's arrivals twice; warpgroup 0's turn 0 does not wait, and
-    the end of ``_wg_consumer`` matches warpgroup 1's last arrival."""
-    if NAMED:
-        if wait:
-            if WG == 0:
-                if h > 0:
-                    _named_barrier("mov.b32 $0, $1;\n\tbar.sync 14, 256;")
-            else:
-                _named_barrier("mov.b32 $0, $1;\n\tbar.sync 15, 256;")
+    issuing, passes the turn on. Only the order of issue depends on it, never a result."""
+    if wait:
+        if WG == 0:
+            mbarrier.wait(sched.index(0), (h & 1) ^ 1)  # turn 0 of warpgroup 0 passes: the barrier starts fresh
         else:
-            if WG == 0:
-                _named_barrier("mov.b32 $0, $1;\n\tbar.arrive 15, 256;")
-            else:
-                _named_barrier("mov.b32 $0, $1;\n\tbar.arrive 14, 256;")
+            mbarrier.wait(sched.index(1), h & 1)
     else:
-        if wait:
-            if WG == 0:
-                mbarrier.wait(sched.index(0), (h & 1) ^ 1)  # turn 0 of warpgroup 0 passes: the barrier starts fresh
-            else:
-                mbarrier.wait(sched.index(1), h & 1)
-        else:
-            mbarrier.arrive(sched.index(1 - WG))
+        mbarrier.arrive(sched.index(1 - WG))
 
 
 @gluon.jit
 def _wg_stream(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, n_tiles, g0, h, qk_scale, r2, e4,
                n_rows, WG: gl.constexpr, ROWS: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NSK: gl.constexpr,
-               NSV: gl.constexpr, UNIFORM: gl.constexpr, NAMED: gl.constexpr, PAIR: gl.constexpr,
-               num_warps: gl.constexpr):
+               NSV: gl.constexpr, UNIFORM: gl.constexpr, num_warps: gl.constexpr):
     """One warpgroup's ``ROWS`` query rows on one query tile's stream, its MMAs issued in turns alternating with
     the other warpgroup's (``_turn``): turn ``t`` issues the logits of tile ``t`` and ``P V`` of tile ``t - 1``
     together, then the softmax of tile ``t`` runs while the other warpgroup's turn keeps the tensor cores busy.
@@ -318,9 +285,9 @@ def _wg_stream(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, 
     if n_tiles > 0:
         sk0 = g0 % NSK
         mbarrier.wait(full_k.index(sk0), (g0 // NSK) & 1)
-        _turn(sched, WG, h, True, NAMED)
+        _turn(sched, WG, h, True)
         s = warpgroup_mma(q_smem, k_smem.index(sk0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        _turn(sched, WG, h, False, NAMED)
+        _turn(sched, WG, h, False)
         h += 1
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         _cta_barrier()  # the warpgroup's four warps are done with the slot
@@ -334,30 +301,28 @@ def _wg_stream(q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, 
             sk1 = (g + 1) % NSK
             mbarrier.wait(full_k.index(sk1), ((g + 1) // NSK) & 1)
             mbarrier.wait(full_v.index(sv), (g // NSV) & 1)
-            _turn(sched, WG, h, True, NAMED)
+            _turn(sched, WG, h, True)
             s = warpgroup_mma(q_smem, k_smem.index(sk1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             acc = warpgroup_mma(pa, v_smem.index(sv), acc, is_async=True)
-            _turn(sched, WG, h, False, NAMED)
+            _turn(sched, WG, h, False)
             h += 1
             s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s, acc))
             _cta_barrier()
             mbarrier.arrive(empty_k.index(sk1))
-            if not PAIR:  # PAIR: the arrival above is event g + 1, freeing K of tile g + 1 and V of tile g
-                mbarrier.arrive(empty_v.index(sv))
+            mbarrier.arrive(empty_v.index(sv))
         t = n_tiles - 1
         p, alpha, m_i, l_i = _softmax_tile(s, t, m_i, l_i, qk_scale, r2, e4, n_rows, BN, cols_s, UNIFORM)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
         pa = gl.convert_layout(p.to(q_smem.dtype), p_l)
         g = g0 + t
         mbarrier.wait(full_v.index(g % NSV), (g // NSV) & 1)
-        _turn(sched, WG, h, True, NAMED)
+        _turn(sched, WG, h, True)
         acc = warpgroup_mma(pa, v_smem.index(g % NSV), acc, is_async=True)
-        _turn(sched, WG, h, False, NAMED)
+        _turn(sched, WG, h, False)
         h += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        if not PAIR:  # PAIR: V of the last tile is freed with K of the next query tile's first (event g + 1)
-            _cta_barrier()
-            mbarrier.arrive(empty_v.index(g % NSV))
+        _cta_barrier()
+        mbarrier.arrive(empty_v.index(g % NSV))
     return acc, m_i, l_i, h
 
 
@@ -368,8 +333,7 @@ def _wg_consumer(q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v
                  n_tiles_q, n_items, qk_scale, WG: gl.constexpr, D: gl.constexpr, BM: gl.constexpr,
                  BN: gl.constexpr, BLOCK_Q: gl.constexpr, RP2: gl.constexpr, RP4: gl.constexpr, RP8: gl.constexpr,
                  HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
-                 NSK: gl.constexpr, NSV: gl.constexpr, UNIFORM: gl.constexpr, NAMED: gl.constexpr,
-                 PAIR: gl.constexpr):
+                 NSK: gl.constexpr, NSV: gl.constexpr, UNIFORM: gl.constexpr):
     """Warpgroup ``WG`` (4 warps, query rows ``WG * BM / 2 ..`` of each query tile) over this program's query tiles:
     its half of the query tile into its half of ``q_smem``, ``_wg_stream``, its half of the epilogue."""
     ROWS: gl.constexpr = BM // 2
@@ -391,14 +355,10 @@ def _wg_consumer(q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v
         fence_async_shared()
         _cta_barrier()
         acc, m_i, l_i, h = _wg_stream(q_half, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, n_tiles, g0,
-                                      h, qk_scale, r2, e4, n_rows, WG, ROWS, BN, D, NSK, NSV, UNIFORM, NAMED, PAIR, 4)
+                                      h, qk_scale, r2, e4, n_rows, WG, ROWS, BN, D, NSK, NSV, UNIFORM, 4)
         _epilogue(acc, m_i, l_i, n_bad, out_ptr + b64 * stride_ob + h64 * stride_oh, stride_om,
                   lse_ptr + b64 * stride_lb + h64 * stride_lh, row0, Lq, ROWS, D, HAS_LSE, 4)
         g0 += n_tiles
-    if NAMED:
-        if WG == 0:
-            if h > 0:  # warpgroup 1's last turn arrived on barrier 14: match it before the program ends
-                _named_barrier("mov.b32 $0, $1;\n\tbar.sync 14, 256;")
 
 
 #: Length-derived integer arguments: not specialised, so a new prompt length does not compile again.
@@ -415,8 +375,7 @@ def _pooled_gluon_kernel(
     D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_KV: gl.constexpr,
     CH: gl.constexpr, HAS_P2: gl.constexpr, HAS_P4: gl.constexpr, HAS_P8: gl.constexpr, HAS_LSE: gl.constexpr,
     NSK: gl.constexpr, NSV: gl.constexpr, PRODUCER_REGS: gl.constexpr, Q_LAYOUT: gl.constexpr,
-    KV_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, UNIFORM: gl.constexpr, NAMED: gl.constexpr,
-    PAIR: gl.constexpr,
+    KV_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, UNIFORM: gl.constexpr,
 ):
     """Programs over the ``n_items = BH x n_tiles_q`` query tiles (``_query_tile``: heaviest first), program ``p``
     taking items ``p, p + num_programs, ...``: one program per item, or a persistent grid whose loader warp runs into
@@ -434,18 +393,14 @@ def _pooled_gluon_kernel(
     full_k = gl.allocate_shared_memory(gl.int64, [NSK, 1], mbarrier.MBarrierLayout())
     full_v = gl.allocate_shared_memory(gl.int64, [NSV, 1], mbarrier.MBarrierLayout())
     empty_k = gl.allocate_shared_memory(gl.int64, [NSK, 1], mbarrier.MBarrierLayout())
-    if PAIR:  # one ring of release events for both (NSK == NSV, checked by the launcher)
-        empty_v = empty_k
-    else:
-        empty_v = gl.allocate_shared_memory(gl.int64, [NSV, 1], mbarrier.MBarrierLayout())
+    empty_v = gl.allocate_shared_memory(gl.int64, [NSV, 1], mbarrier.MBarrierLayout())
     sched = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for si in gl.static_range(NSK):  # a slot is free once both warpgroups have arrived
         mbarrier.init(full_k.index(si), count=1)
         mbarrier.init(empty_k.index(si), count=2)
     for si in gl.static_range(NSV):
         mbarrier.init(full_v.index(si), count=1)
-        if not PAIR:
-            mbarrier.init(empty_v.index(si), count=2)
+        mbarrier.init(empty_v.index(si), count=2)
     for si in gl.static_range(2):
         mbarrier.init(sched.index(si), count=1)
     fence_async_shared()
@@ -457,16 +412,16 @@ def _pooled_gluon_kernel(
                          out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
                          stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
                          stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, 0, D, BM, BN, BLOCK_Q,
-                         RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM, NAMED, PAIR)),
+                         RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM)),
          (_wg_consumer, (q_ptr, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v, sched, idx_ptr, cnt_ptr,
                          out_ptr, lse_ptr, stride_qb, stride_qh, stride_qm, stride_ib, stride_ih, stride_iq,
                          stride_cb, stride_ch, stride_cq, stride_cc, stride_ob, stride_oh, stride_om, stride_lb,
                          stride_lh, BH, Hq, G, Hkv, R, Lq, n_tiles_q, n_items, qk_scale, 1, D, BM, BN, BLOCK_Q,
-                         RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM, NAMED, PAIR)),
+                         RP2, RP4, RP8, HAS_P2, HAS_P4, HAS_P8, HAS_LSE, NSK, NSV, UNIFORM)),
          (_pp_producer, (k_desc, v_desc, k_smem, v_smem, full_k, full_v, empty_k, empty_v, idx_ptr, cnt_ptr,
                          stride_ib, stride_ih, stride_iq, stride_ie, stride_cb, stride_ch, stride_cq, stride_cc,
                          BH, Hq, G, Hkv, R, n_tiles_q, n_items, oob_row, off2, off4, off8, BM, BN, BLOCK_Q, CH,
-                         RP2, RP4, RP8, NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8, PAIR))],
+                         RP2, RP4, RP8, NCH, NSK, NSV, HAS_P2, HAS_P4, HAS_P8))],
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     # every arrive and wait is done once the partitions have joined; PTX asks for mbarrier.inval before the
     # barriers' shared memory may be reused
@@ -475,8 +430,7 @@ def _pooled_gluon_kernel(
         mbarrier.invalidate(empty_k.index(si))
     for si in gl.static_range(NSV):
         mbarrier.invalidate(full_v.index(si))
-        if not PAIR:
-            mbarrier.invalidate(empty_v.index(si))
+        mbarrier.invalidate(empty_v.index(si))
     for si in gl.static_range(2):
         mbarrier.invalidate(sched.index(si))
 
@@ -594,9 +548,6 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
     n_items = B * Hq * n_tiles_q
     if n_items == 0:
         return
-    pair = bool(tiles.get("PAIR_RELEASE", False))
-    if pair and tiles["NSK"] != tiles["NSV"]:
-        raise ValueError(f"PAIR_RELEASE needs NSK == NSV, got tiles {tiles}")
     per_sm = int(tiles.get("PROGRAMS_PER_SM", 0))
     programs = n_items if per_sm <= 0 else per_sm * _sm_count(q.device.index or 0)
     programs = max(1, min(n_items, int(tiles.get("PROGRAMS", 0)) or programs))
@@ -609,9 +560,7 @@ def launch(q, k_pooled, v_pooled, kv_idx, counts, out, lse, *, Lk: int, block_q:
         D=D, BM=BM, BN=BN, BLOCK_Q=block_q, BLOCK_KV=block_k, CH=CH, HAS_P2=2 in pooled, HAS_P4=4 in pooled,
         HAS_P8=8 in pooled, HAS_LSE=lse is not None, NSK=tiles["NSK"], NSV=tiles["NSV"],
         PRODUCER_REGS=tiles["PRODUCER_REGS"], Q_LAYOUT=_nvmma_layout((BM, D), fp16), KV_LAYOUT=layout,
-        CONSUMER_REGS=tiles["CONSUMER_REGS"], UNIFORM=bool(tiles["UNIFORM"]),
-        NAMED=bool(tiles.get("NAMED_TURN", False)), PAIR=pair,
-        num_warps=4)
+        CONSUMER_REGS=tiles["CONSUMER_REGS"], UNIFORM=bool(tiles["UNIFORM"]), num_warps=4)
 
 
 def pooled_launch(q, k, v, k_pooled, v_pooled, kv_idx, counts, *, out, lse, block_q: int, block_k: int, factors,
