@@ -12,6 +12,9 @@ For each length, video-like bf16 Q/K/V at Qwen2.5-VL-7B attention shapes (Hq 28,
    stage, each fa4 level launch alone and the merge; ideal = density x cuDNN dense;
 3. import and first-compile costs of the fa4 path (new-length costs: ``benchmarks/devcheck_lengths.py
    --backend fa4``).
+``--per-program``: instead, the factor-1 FlashAttention-4 launch alone on lists of the last ``n`` visible blocks of
+every query block (the diagonal and ``n - 1`` before it; ``n`` = 0, 1, 2, 4, 16, 64): the intercept of time against
+tiles is the launch's cost per program (one per query block and head), the slope its cost per tile.
 Prints a table last and writes ``$OUT/devcheck_fa4.json``.
 
 This is a command-line report: it writes to stdout by design.
@@ -105,6 +108,56 @@ def level_times(q, k, v, plan, cfg) -> Dict[str, float]:
     return res
 
 
+def per_program(lengths) -> List[Dict]:
+    """The factor-1 launch on lists of the last ``n`` visible blocks per query block (``--per-program``)."""
+    from psa_vlm.bench.attention import dense_baselines
+    from psa_vlm.bench.synthetic import video_like_qkv
+    from psa_vlm.kernels.attention import fa4
+
+    rows = []
+    for L in lengths:
+        q, k, v = video_like_qkv(1, 28, 4, L, 128, dtype=torch.bfloat16, device="cuda", seed=L)
+        dense = dense_baselines(q, k, v, rep=100)
+        nq = L // 128
+        i = torch.arange(nq, device="cuda")
+        row = dict(L=L, programs=28 * nq, sms=torch.cuda.get_device_properties(0).multi_processor_count, **dense)
+        pts = []
+        for n in (0, 1, 2, 4, 16, 64):
+            cnt = torch.clamp(i + 1, max=n).to(torch.int32)
+            j = torch.arange(nq, device="cuda")
+            idx = (i[:, None] - cnt[:, None] + 1 + j[None, :]).to(torch.int32)  # ascending, the diagonal last
+            idx = torch.where(j[None, :] < cnt[:, None], idx, torch.zeros_like(idx))
+            cnt = cnt[None, None].expand(1, 28, nq).contiguous()
+            idx = idx[None, None].expand(1, 28, nq, nq).contiguous()
+            fn = lambda: fa4.flash_attn_level(q, k, v, cnt, idx, block_q=128, block_kv=128,  # noqa: E731
+                                              causal=True, scale=128 ** -0.5)
+            if n:
+                o, _ = fn()
+                ref, _ = fa4.emulate_level(q[:, :, -128:], k, v, cnt[:, :, -1:], idx[:, :, -1:], block_q=128,
+                                           block_kv=128, causal=True, scale=128 ** -0.5)
+                err = rel(o[:, -128:], ref)
+                row[f"err_n{n}"] = err
+                row["ok"] = row.get("ok", True) and err < 1e-2
+            ms = bench(fn)
+            tiles = int(cnt.sum())
+            row[f"ms_n{n}"] = ms
+            row[f"tiles_n{n}"] = tiles
+            pts.append((tiles, ms))
+            say(f"L={L} n={n}: {tiles} tiles, {ms:.3f} ms")
+        xs = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+        ys = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+        A = torch.stack([torch.ones_like(xs), xs], 1)
+        sol = torch.linalg.lstsq(A, ys[:, None]).solution.flatten()
+        row["intercept_ms"], row["ms_per_tile"] = float(sol[0]), float(sol[1])
+        row["us_per_program_on_one_sm"] = 1e3 * float(sol[0]) * row["sms"] / row["programs"]
+        row["us_per_tile_on_one_sm"] = 1e3 * float(sol[1]) * row["sms"]
+        say(json.dumps(row))
+        rows.append(row)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
@@ -114,7 +167,18 @@ def main() -> int:
                     help="no per-level timings, and only the shipped pooled factors unless --hybrids is given")
     ap.add_argument("--hybrids", nargs="+", default=None,
                     help="pooled-launch factor sets to time, e.g. none 8 4-8 2-4-8 (default: none 8 4-8)")
+    ap.add_argument("--per-program", action="store_true",
+                    help="only the factor-1 launch's cost per program and per tile (module docstring)")
     args = ap.parse_args()
+    if args.per_program:
+        rows = per_program(args.lengths)
+        if args.out:
+            with open(os.path.join(args.out, "devcheck_fa4_per_program.json"), "w") as fh:
+                json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                               commit=os.environ.get("PSA_VLM_COMMIT", "?"), rows=rows), fh, indent=1)
+        ok = all(r.get("ok", False) for r in rows)
+        say("ALL CHECKS " + ("PASS" if ok else "FAIL"))
+        return 0 if ok else 1
     from psa_vlm import PSAConfig
     from psa_vlm.api import run_psa
     from psa_vlm.bench.attention import dense_baselines
