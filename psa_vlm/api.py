@@ -810,8 +810,8 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
     (already read) is given. Dense attention is the
     fastest available: FlashAttention-4's where ``fa4_dense`` and it supports the call, else SDPA (cuDNN/flash)
     when ``Lq == Lk``; without FlashAttention-4 the Triton backend keeps the sparse stage for ``Lq < Lk`` (SDPA's
-    ``is_causal`` is top-left). The Triton cost model is relative to cuDNN SDPA, about 1.1x FlashAttention-4's
-    dense time on an H200, so against FlashAttention-4 it leans towards the sparse stage by that much.
+    ``is_causal`` is top-left). The prediction compares the engine's attend time with that dense path's
+    (``cost.attend_cost_ratio``).
     """
     from .cost import dense_guard_reason, quota_cost_ratio
 
@@ -823,13 +823,16 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
         fa4_dense = fa4_unsupported(q, block_q=128, block_k=128, factors=()) is None
     if not fa4_dense and q.shape[2] != k.shape[2]:
         return None
+    B, Hq, Lq, D = q.shape
+    shapes = (B, Hq, D, Lq, k.shape[2])
+    dense = "fa4" if fa4_dense else "cudnn"
     # quota mode fixes the level mix: far below the break-even there is nothing to decide, and skipping the host
     # read keeps the attend stage's launches queued behind the planning (the read costs ~1 ms at 64k)
-    if quota_cost_ratio(backend, config) < 0.8:
+    if quota_cost_ratio(backend, config, *shapes, dense=dense) < 0.8:
         return None
     if histogram is None:
         histogram = level_map.histogram_tensor().tolist()
-    reason = dense_guard_reason(backend, histogram, against="FlashAttention-4 dense" if fa4_dense else None)
+    reason = dense_guard_reason(backend, histogram, *shapes, dense=dense)
     if reason is None:
         return None
     logger.debug("PSA dense guard: %s", reason)

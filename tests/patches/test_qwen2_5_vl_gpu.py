@@ -71,7 +71,7 @@ def test_paper_preset_triton_32k(text_model, embeds, reference):
 
 def test_dense_guard_runs_dense_for_a_dense_plan(text_model, embeds, reference):
     """Guarded layers report density 1.0 with the plan's density beside it, and compute dense attention."""
-    from psa_vlm.cost import ATTEND_COSTS
+    from psa_vlm.cost import attend_cost_ratio
 
     psa_vlm.patch_qwen25vl(text_model, PSAConfig.preset("paper"), backend="triton")
     try:
@@ -79,7 +79,19 @@ def test_dense_guard_runs_dense_for_a_dense_plan(text_model, embeds, reference):
         stats = psa_vlm.psa_stats(text_model)
     finally:
         psa_vlm.unpatch_qwen25vl(text_model)
-    break_even = (1.0 - ATTEND_COSTS["triton"].overhead) / max(ATTEND_COSTS["triton"].per_factor)
+
+    def crossing(mix, dense):  # lowest density of this mix shape at which the triton stage is predicted >= dense
+        lo, hi = 0.0, 1.0 / sum(mix)  # all visible pairs at the mix's factors; density = sum(mix) * mid / factor
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            r = attend_cost_ratio("triton", [x * mid for x in mix] + [1.0 - mid * sum(mix)], 1, 28, 128, SEQ, SEQ,
+                                  dense=dense)
+            lo, hi = (mid, hi) if r < 1.0 else (lo, mid)
+        return lo * sum(x / p for x, p in zip(mix, (1, 2, 4, 8)))
+
+    # the lowest density at which the guard can trip here: all full resolution or all at factor 2 (the dearer per
+    # unit of density), against either dense path
+    break_even = min(crossing(mix, d) for mix in ([1, 0, 0, 0], [0, 1, 0, 0]) for d in ("fa4", "cudnn"))
     guarded = [v for v in stats["layers"].values() if v["dense_guard"]]
     assert stats["dense_guard_layers"] == len(guarded)
     assert stats["attend_backends"] == {"triton": N_LAYERS}
