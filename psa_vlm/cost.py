@@ -95,6 +95,9 @@ class EngineTime:
             load, its output store, the list reads).
         pyramid_fixed_ms, pyramid_ms_per_gelem: The same, added when the mix has pooled blocks (``fa4``: the
             pooled launches, whose programs run even for rows without pooled blocks, the partials and their merge).
+        host_floor_ms, pyramid_host_floor_ms: The least time the stage takes, without / with pooled blocks: below
+            it a call is bound by the host issuing the stage's launches (``fa4``: FlashAttention-4's Python
+            interface per level launch, the split and the merge), not by the GPU.
     """
 
     per_factor: Tuple[float, float, float, float]
@@ -102,6 +105,8 @@ class EngineTime:
     ms_per_gelem: float
     pyramid_fixed_ms: float = 0.0
     pyramid_ms_per_gelem: float = 0.0
+    host_floor_ms: float = 0.0
+    pyramid_host_floor_ms: float = 0.0
 
 
 #: The unit of ``EngineTime.per_factor`` and ``DENSE_TIMES``: a causal forward at this rate (TFLOP/s, about cuDNN
@@ -119,12 +124,17 @@ DENSE_TFLOPS = 650.0
 #: measured order of the two engines the model errs on 3 of 48 rows (16k binary-0.1, 24k quota-0.2, 32k
 #: quota-0.1; the previous constants on 18), FlashAttention-4's binary launch and its quota launches from 24k being
 #: faster than the previous model said. ``NOTES_fa4.md`` v12 has the fit and the per-program measurement behind
-#: ``ms_per_gelem`` (FlashAttention-4: ~3.9 us per program on one multiprocessor).
+#: ``ms_per_gelem`` (FlashAttention-4: ~3.9 us per program on one multiprocessor). The host floors of ``fa4``
+#: come from the same runs' whole calls, which the attend-stage timings (launches queued back to back) do not
+#: show: at 16k tokens every fa4 whole call took 2.7-4.0 ms whatever its density (Triton engine 1.2-2.1 ms), at
+#: 24k-32k the pyramid presets' whole calls sat ~0.7 ms above their GPU stages (quota-0.1: 3.53 against 2.8 ms at
+#: 24k); with the floors the model picks the faster whole call on all but two of the 42 non-threshold rows
+#: (16k binary-0.3, 24k quota-0.2: 4%). They depend on the host CPU.
 ENGINE_TIMES: Dict[str, EngineTime] = {
     "triton": EngineTime(per_factor=(1.40, 1.51, 1.51, 1.51), fixed_ms=0.01, ms_per_gelem=1.78,
                          pyramid_fixed_ms=0.01, pyramid_ms_per_gelem=0.69),
     "fa4": EngineTime(per_factor=(0.954, 1.048, 1.171, 1.171), fixed_ms=0.01, ms_per_gelem=4.90,
-                      pyramid_fixed_ms=0.41, pyramid_ms_per_gelem=1.12),
+                      pyramid_fixed_ms=0.41, pyramid_ms_per_gelem=1.12, host_floor_ms=1.4, pyramid_host_floor_ms=2.9),
 }
 
 #: ``fa4``'s per-factor costs where its pooled launch is the Triton kernel's (no Gluon kernel: Triton < 3.6, or it
@@ -179,8 +189,8 @@ def predict_attend_ms(engine: str, histogram: Sequence[float], batch: int, heads
     work = 0.0 if total <= 0 else sum(c * x / p for c, x, p in zip(per_factor, h[:4], (1, 2, 4, 8))) / total
     t = model.fixed_ms + model.ms_per_gelem * gelem + work * _dense_work_ms(batch, heads, head_dim, lq, lk)
     if any(x > 0 for x in h[1:4]):
-        t += model.pyramid_fixed_ms + model.pyramid_ms_per_gelem * gelem
-    return t
+        return max(t + model.pyramid_fixed_ms + model.pyramid_ms_per_gelem * gelem, model.pyramid_host_floor_ms)
+    return max(t, model.host_floor_ms)
 
 
 def predict_dense_ms(dense: str, batch: int, heads: int, head_dim: int, lq: int, lk: int) -> float:
