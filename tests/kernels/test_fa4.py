@@ -551,7 +551,8 @@ def test_auto_backend_short_prompts_gpu(spy):
     """``backend="auto"`` with FlashAttention-4: a threshold-mode call below ``THRESHOLD_MODE_MIN_TOKENS`` runs
     FlashAttention-4 dense before planning (recorded in the plan), with ``auto`` and with an explicit ``fa4``
     (the dense guard applies to both); a quota-mode call below ``AUTO_FA4_MIN_TOKENS`` keeps the sparse path on
-    the Triton attend stage under ``auto`` and on FlashAttention-4's under ``fa4``."""
+    the Triton attend stage under ``auto`` and on FlashAttention-4's under ``fa4`` without the guard (with it, the
+    guard runs FlashAttention-4 dense: the fa4 engine is host-bound at this length)."""
     _need_fa4()
     from psa_vlm import PSAConfig
     from psa_vlm.api import run_psa
@@ -576,9 +577,14 @@ def test_auto_backend_short_prompts_gpu(spy):
     a, plan_q = run_psa(q, k, v, quota, backend="auto")
     assert calls and plan_q.dense_reason is None and float(plan_q.level_map.density()) < 0.5
     calls.clear()
-    b, plan_f = run_psa(q, k, v, quota, backend="fa4")
+    b, plan_f = run_psa(q, k, v, quota.replace(dense_guard=False), backend="fa4")
     assert not calls and plan_f.dense_reason is None
     assert float((a.float() - b.float()).norm() / b.float().norm()) <= 1e-2
+    # with the guard, the explicit fa4 engine's host-bound launches (cost.ENGINE_TIMES host floors) lose to
+    # FlashAttention-4 dense at this length: dense attention runs, and the plan says why
+    c, plan_g = run_psa(q, k, v, quota, backend="fa4")
+    assert not calls and plan_g.dense_reason is not None and "FlashAttention-4 dense" in plan_g.dense_reason
+    assert float((c.double() - ref).norm() / ref.norm()) <= 1e-2
 
 
 @pytest.mark.gpu
