@@ -120,9 +120,9 @@ DENSE_TFLOPS = 650.0
 #: on these mixes (quota mixes hold factors 2 / 4 / 8 in fixed proportions) and is set at 0.895 of them, their
 #: ratio in the per-level timings of ``NOTES_fa4.md`` v10. Relative error of the fit: median 0.8%, at most 3.4%
 #: (``triton``); median 1.7%, at most 11% from 32k (``fa4``: `paper` at 128k; at 16k, where FlashAttention-4's
-#: launches from Python dominate, up to 38%). Against the
-#: measured order of the two engines the model errs on 3 of 48 rows (16k binary-0.1, 24k quota-0.2, 32k
-#: quota-0.1; the previous constants on 18), FlashAttention-4's binary launch and its quota launches from 24k being
+#: launches from Python dominate, up to 38%). Against the measured order of the two engines' attend stages the fit
+#: without its host floors errs on 3 of 48 rows (16k binary-0.1, 24k quota-0.2, 32k quota-0.1; the previous
+#: constants on 18, up to 32% slower picks), FlashAttention-4's binary launch and its quota launches from 24k being
 #: faster than the previous model said. ``NOTES_fa4.md`` v12 has the fit and the per-program measurement behind
 #: ``ms_per_gelem`` (FlashAttention-4: ~3.9 us per program on one multiprocessor). The host floors of ``fa4``
 #: come from the same runs' whole calls, which the attend-stage timings (launches queued back to back) do not
