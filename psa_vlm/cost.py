@@ -4,10 +4,12 @@ After level assignment PSA knows how many (head, query block, KV block) pairs it
 attend stage of an engine (``"fa4"``: FlashAttention-4 level launches with psa_vlm's pooled launch and merge;
 ``"triton"``: psa_vlm's single Triton launch) is predicted as
 
-    t = fixed_ms + ms_per_gelem * G + [pyramid_fixed_ms + pyramid_ms_per_gelem * G] + dense_ms * sum_p c_p f_p / p
+    t = max(fixed_ms + ms_per_gelem * G + [pyramid_fixed_ms + pyramid_ms_per_gelem * G]
+            + dense_ms * sum_p c_p f_p / p,  host floor)
 
 (``predict_attend_ms``): ``G = B * Lq * Hq * D / 1e9`` output elements (per-program and per-row costs: query loads,
-output stores, the level partials and their merge), the bracket only when the mix has pooled blocks, ``f_p`` the
+output stores, the level partials and their merge), the bracket only when the mix has pooled blocks, the host floor
+the least time of a stage bound by the host issuing its launches (``EngineTime``), ``f_p`` the
 fraction of causally visible pairs at factor ``p`` (``LevelMap.histogram_tensor``), ``dense_ms`` the causal
 FLOPs at ``DENSE_TFLOPS`` and ``c_p`` the measured time per unit of FLOP density at factor ``p``. Dense attention
 is predicted from the same FLOPs (``predict_dense_ms``). Two decisions use it:
@@ -39,9 +41,9 @@ __all__ = [
 #: bench-attention, video inputs, whole call (fa4 / Triton attend stage, same planning; commit 2023a36): 16k
 #: quota-0.2 2.96 / 2.10 ms, paper 4.64 / 2.94; 32k quota-0.2 5.70 / 5.91, paper 5.08 / 4.26; 64k quota-0.2
 #: 19.36 / 20.43, paper 10.56 / 8.93 (docs/PERFORMANCE.md). A length-only compromise: Triton wins clearly at 16k
-#: and for low-density plans at every measured length, fa4 by 4-5% for quota-0.2 from 32k; nothing was measured
-#: between 32k and 64k (the calibration run of ``ENGINE_TIMES``, attend stage only: paper 4.34 / 4.47 ms at 48k,
-#: 3.37 / 2.66 at 64k, 7.04 / 5.75 at 128k; binary@paper within 3% either way). Used only where the plan's level
+#: and on low-density plans at most lengths, fa4 for quota-0.2 from 32k. The calibration run of ``ENGINE_TIMES``
+#: (attend stage only, fa4 / Triton): paper 2.23 / 2.15 ms at 32k, 4.34 / 4.47 at 48k, 3.37 / 2.66 at 64k, 7.04 /
+#: 5.75 at 128k; binary@paper 1.85 / 2.08, 3.66 / 4.32, 2.61 / 2.53, 5.45 / 5.42. Used only where the plan's level
 #: mix is not known on the host (a threshold-mode call
 #: without the dense guard or under ``plan_only``, a caller's level map); otherwise ``faster_attend_backend``
 #: decides by the mix.
@@ -87,7 +89,7 @@ def short_prompt_reason(backend: str, mode: str, seq_len: int) -> Optional[str]:
 class EngineTime:
     """Time model of one attend-stage engine (``predict_attend_ms``; module docstring).
 
-    Attributes:
+    Attributes (times in ms):
         per_factor: ``c_p``: ms per ms of ``DENSE_TFLOPS`` dense attention, per unit of FLOP density at factors
             1, 2, 4, 8.
         fixed_ms: Per-call cost independent of the size.
@@ -118,9 +120,9 @@ DENSE_TFLOPS = 650.0
 #: c5ff4be; 16k, 24k, 32k, 48k, 64k and 128k tokens x quota-0.1/0.2/0.3, binary-0.1/0.2/0.3, paper, binary@paper:
 #: 48 rows per engine, ``eval/results/calibration/``). ``c_2`` of ``fa4`` is not separable from ``c_4`` / ``c_8``
 #: on these mixes (quota mixes hold factors 2 / 4 / 8 in fixed proportions) and is set at 0.895 of them, their
-#: ratio in the per-level timings of ``NOTES_fa4.md`` v10. Relative error of the fit: median 0.8%, at most 3.4%
-#: (``triton``); median 1.7%, at most 11% from 32k (``fa4``: `paper` at 128k; at 16k, where FlashAttention-4's
-#: launches from Python dominate, up to 38%). Against the measured order of the two engines' attend stages the fit
+#: ratio in the per-level timings of ``NOTES_fa4.md`` v10. Error of the fit (measured / predicted - 1, absolute):
+#: median 0.8%, at most 3.5% (``triton``); median 1.7%, at most 11% from 32k (``fa4``: `paper` at 128k; at 16k,
+#: where FlashAttention-4's launches from Python dominate, up to 38%). Against the measured order of the two engines' attend stages the fit
 #: without its host floors errs on 3 of 48 rows (16k binary-0.1, 24k quota-0.2, 32k quota-0.1; the previous
 #: constants on 18, up to 32% slower picks), FlashAttention-4's binary launch and its quota launches from 24k being
 #: faster than the previous model said. ``NOTES_fa4.md`` v12 has the fit and the per-program measurement behind
@@ -128,8 +130,11 @@ DENSE_TFLOPS = 650.0
 #: come from the same runs' whole calls, which the attend-stage timings (launches queued back to back) do not
 #: show: at 16k tokens every fa4 whole call took 2.7-4.0 ms whatever its density (Triton engine 1.2-2.1 ms), at
 #: 24k-32k the pyramid presets' whole calls sat ~0.7 ms above their GPU stages (quota-0.1: 3.53 against 2.8 ms at
-#: 24k); with the floors the model picks the faster whole call on all but two of the 42 non-threshold rows
-#: (16k binary-0.3, 24k quota-0.2: 4%). They depend on the host CPU.
+#: 24k); with the floors the model picks the faster whole call on all but two of the 42 non-threshold rows, on the
+#: plans' own mixes: 24k quota-0.2 (4% slower) and 16k binary-0.3 (fa4 at 2.81 ms against 1.97, though fa4 ran
+#: that call in 1.96 ms in another run: at 16k the fa4 engine's whole calls vary with the host; a single floor
+#: cannot also keep 24k binary-0.1 on fa4, 1.99 against 2.22 ms). Under ``backend="auto"`` quota configs are judged
+#: on their own quotas, which pick Triton for binary-0.3 at 16k. The floors depend on the host CPU.
 ENGINE_TIMES: Dict[str, EngineTime] = {
     "triton": EngineTime(per_factor=(1.40, 1.51, 1.51, 1.51), fixed_ms=0.01, ms_per_gelem=1.78,
                          pyramid_fixed_ms=0.01, pyramid_ms_per_gelem=0.69),
@@ -144,7 +149,7 @@ FA4_TRITON_POOLED_PER_FACTOR = (0.954, 1.048, 1.52, 1.52)
 
 #: Dense causal attention per ms of ``DENSE_TFLOPS`` work, for the dense guard: the lower envelope of the same
 #: runs less 3% (the sparse model's error), so the guard errs towards dense. Measured (16k-128k): cuDNN SDPA
-#: 0.97-1.12 (it slows at 128k), FlashAttention-4 dense 0.91-1.00 (0.907 at 64k and 128k).
+#: 0.97-1.12 (it slows at 128k), FlashAttention-4 dense 0.91-1.02 (0.907 at 64k and 128k).
 DENSE_TIMES: Dict[str, float] = {"cudnn": 0.94, "fa4": 0.88}
 
 #: Names of the dense paths in messages.
@@ -160,8 +165,11 @@ def _fa4_pooled_on_gluon() -> bool:
 
 
 def _dense_work_ms(batch: int, heads: int, head_dim: int, lq: int, lk: int) -> float:
-    """Causal (bottom-right aligned) attention FLOPs at ``DENSE_TFLOPS``, in ms."""
-    pairs = max(0, lq * (2 * lk - lq)) / 2  # visible (query, key) pairs of one head
+    """Causal (bottom-right aligned) attention FLOPs at ``DENSE_TFLOPS``, in ms; ``ValueError`` unless
+    ``0 <= lq <= lk`` (the calls PSA plans: a prefill or a chunk of new queries over the cache)."""
+    if not 0 <= lq <= lk:
+        raise ValueError(f"the cost model needs 0 <= lq <= lk (queries over keys, causal), got lq={lq}, lk={lk}")
+    pairs = lq * (2 * lk - lq) / 2  # visible (query, key) pairs of one head
     return 4.0 * batch * heads * head_dim * pairs / (DENSE_TFLOPS * 1e9)
 
 
@@ -174,10 +182,10 @@ def predict_attend_ms(engine: str, histogram: Sequence[float], batch: int, heads
         histogram: Counts or fractions of the visible pairs at factors 1, 2, 4, 8 and skipped
             (``LevelMap.histogram_tensor`` or ``config_histogram``).
         batch, heads, head_dim: ``B``, ``Hq``, ``D``.
-        lq, lk: Query and key lengths (bottom-right-aligned causal).
+        lq, lk: Query and key lengths (bottom-right-aligned causal), ``0 <= lq <= lk``.
 
     Raises:
-        KeyError: ``engine`` without a model. ValueError: a malformed histogram.
+        KeyError: ``engine`` without a model. ValueError: a malformed histogram, or ``lq`` outside ``[0, lk]``.
     """
     model = ENGINE_TIMES[engine]
     per_factor = model.per_factor
@@ -194,10 +202,15 @@ def predict_attend_ms(engine: str, histogram: Sequence[float], batch: int, heads
 
 
 def predict_dense_ms(dense: str, batch: int, heads: int, head_dim: int, lq: int, lk: int) -> float:
-    """Predicted time (ms) of dense causal attention ``dense`` (``"fa4"`` or ``"cudnn"``, ``DENSE_TIMES``).
+    """Predicted time (ms) of dense causal attention ``dense`` (``DENSE_TIMES``).
+
+    Args:
+        dense: ``"fa4"`` (FlashAttention-4's dense forward) or ``"cudnn"`` (SDPA).
+        batch, heads, head_dim: ``B``, ``Hq``, ``D``.
+        lq, lk: Query and key lengths (bottom-right-aligned causal), ``0 <= lq <= lk``.
 
     Raises:
-        KeyError: an unknown dense path.
+        KeyError: an unknown dense path. ValueError: ``lq`` outside ``[0, lk]``.
     """
     return DENSE_TIMES[dense] * _dense_work_ms(batch, heads, head_dim, lq, lk)
 
@@ -219,6 +232,9 @@ def attend_cost_ratio(backend: str, histogram: Sequence[float], batch: int, head
 
     Returns:
         The ratio (``< 1``: the attend stage is predicted faster than dense attention); 0 for an empty call.
+
+    Raises:
+        ValueError: a malformed histogram, or ``lq`` outside ``[0, lk]``. KeyError: an unknown ``dense``.
     """
     if backend not in ENGINE_TIMES:
         return None
@@ -232,6 +248,8 @@ def dense_guard_reason(backend: str, histogram: Sequence[float], batch: int, hea
     """Why dense attention is the faster choice for this level histogram, or ``None`` if PSA's attend stage is.
 
     Args: as ``attend_cost_ratio``; ``dense`` is the dense path that runs instead (named in the message).
+
+    Raises: as ``attend_cost_ratio``.
     """
     ratio = attend_cost_ratio(backend, histogram, batch, heads, head_dim, lq, lk, dense)
     if ratio is None or ratio < 1.0:
@@ -252,6 +270,10 @@ def quota_cost_ratio(backend: str, config, batch: int, heads: int, head_dim: int
     ``inf`` for threshold mode (its mix depends on the input) and for backends without a model. Forced blocks
     (sink, diagonal, text) only move a quota mix towards full resolution, by a few percent of the visible blocks
     at long lengths; callers compare against a margin below 1.
+
+    Args:
+        backend: As ``attend_cost_ratio``. config: A ``PSAConfig``.
+        batch, heads, head_dim, lq, lk, dense: As ``attend_cost_ratio`` (same errors).
     """
     mix = config_histogram(config)
     ratio = None if mix is None else attend_cost_ratio(backend, mix, batch, heads, head_dim, lq, lk, dense)
@@ -265,6 +287,8 @@ def faster_attend_backend(histogram: Sequence[float], batch: int, heads: int, he
     ``backend="auto"`` uses it once the mix is known on the host (a quota config's own mix, or the histogram
     the dense guard reads), so low-density plans keep the Triton kernel's single launch at any length and dense
     ones take FlashAttention-4's level launches.
+
+    Args: as ``predict_attend_ms`` (same errors); ties go to ``"triton"``.
     """
     args = (histogram, batch, heads, head_dim, lq, lk)
     return "fa4" if predict_attend_ms("fa4", *args) < predict_attend_ms("triton", *args) else "triton"
@@ -276,6 +300,9 @@ def config_histogram(config) -> Optional[Tuple[float, float, float, float, float
     Forced blocks (sink, diagonal, text) move a real plan's mix towards full resolution by a few percent of the
     visible blocks at long lengths; where that flips the choice the two engines are within a few percent of each
     other (``ENGINE_TIMES``).
+
+    Args:
+        config: A ``PSAConfig`` (anything without ``mode == "quota"`` gives ``None``, as does the dense preset).
     """
     if getattr(config, "mode", None) != "quota" or config.quotas is None or config.dense:
         return None
