@@ -677,6 +677,18 @@ def run_psa(
             plan = _full_plan(q, k, kv_flags, q_flags, config, assign_levels)
             plan.dense_reason = reason
             return o, plan
+        early = _quota_dense_reason(backend, be, config, q, k)
+        if early is not None:
+            # a quota mix that cannot beat dense attention once planned: dense attention, nothing planned
+            reason, dense = early
+            logger.debug("PSA dense guard: %s", reason)
+            o = _run_dense(dense, q, k, v, scale)
+            if out is not None:
+                out.copy_(o)
+                o = out
+            plan = _full_plan(q, k, kv_flags, q_flags, config, assign_levels)
+            plan.dense_reason = reason
+            return o, plan
 
     if level_map is not None:
         from .kernels.assign.naive import build_block_lists
@@ -698,20 +710,8 @@ def run_psa(
             k, v, block_k=bk, factors=pool_factors, sim_thresholds=config.sim_thresholds
         )
         # per query head, or per KV head from its group's mean query (estimate_heads="kv")
-        qe = estimator_queries(q, k.shape[1], config)
-        dense_path = _dense_path(be, q, k) if (guarded and not plan_only) else None
-        split = _early_guard_split(be, config, qe, k) if dense_path is not None else None
-        if split is None:
-            scores = block_importance(qe, k, block_q=bq, block_k=bk, stride=config.stride, scale=scale)
-        else:  # the last query blocks first: their level mix may send the call to dense attention
-            early = _early_guard(split, dense_path, backend, be, attend_be, config, qe, q, k, v, cap, kv_flags,
-                                 q_flags, scale, out, block_importance, assign_levels)
-            if isinstance(early, tuple):
-                o, reason = early
-                plan = _full_plan(q, k, kv_flags, q_flags, config, assign_levels)
-                plan.dense_reason = reason
-                return o, plan
-            scores = early
+        scores = block_importance(estimator_queries(q, k.shape[1], config), k, block_q=bq, block_k=bk,
+                                  stride=config.stride, scale=scale)
         # Non-finite inputs stay visible, as in SDPA (no host sync): a query block whose scores are not finite
         # (a NaN/inf in its queries or in a key it sees) attends every visible block at full resolution, and a
         # KV block holding a non-finite value is kept at full resolution wherever it is visible.
@@ -812,34 +812,10 @@ def _auto_attend_backend(backend: str, be: str, attend_be: str, plan: PSAPlan, c
     return faster_attend_backend(mix, B, Hq, D, Lq, k.shape[2]), hist
 
 
-def _early_guard_split(be: str, config: PSAConfig, qe: torch.Tensor, k: torch.Tensor) -> Optional[int]:
-    """The query row where ``run_psa`` splits a threshold-mode plan for the early dense guard, or ``None``.
-
-    The split is a multiple of ``block_q`` (so every query block lies on one side) with the last
-    ``max(1, nq // 32)`` query blocks after it, and the two sides' estimates are the full estimate's rows exactly:
-    each reduced query row is soft-maxed on its own, and the first side's keys end at a stride boundary when
-    ``(Lk - Lq) % stride == 0`` (every prefill), so no key group is cut. Only for threshold mode (its mix is known
-    after planning only), on CUDA tensors with a time model (``fa4`` / ``triton``), and where the estimator is
-    predicted to take at least ``cost.EARLY_GUARD_MIN_ESTIMATE_MS`` (float16 / bfloat16: the time model's).
-    """
-    from .cost import EARLY_GUARD_MIN_ESTIMATE_MS, predict_estimate_ms
-
-    B, He, Lq, D = qe.shape
-    Lk = k.shape[2]
-    bq, s = config.block_q, config.stride
-    nq = -(-Lq // bq)
-    if (config.mode != "threshold" or not qe.is_cuda or qe.dtype == torch.float32 or be not in ("fa4", "triton")
-            or nq < 2 or (Lk - Lq) % s):
-        return None
-    if predict_estimate_ms(s, B, He, D, Lq, Lk) < EARLY_GUARD_MIN_ESTIMATE_MS:
-        return None
-    return (nq - max(1, nq // 32)) * bq
-
-
 def _dense_path(be: str, q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
-    """The fastest dense attention that can run this call in place of the sparse stage (``cost.DENSE_TIMES`` key):
-    FlashAttention-4's dense forward where ``be`` is ``fa4`` and it supports the call, else SDPA (cuDNN / flash)
-    where ``Lq == Lk`` (SDPA's ``is_causal`` is top-left aligned), else ``None``."""
+    """The dense attention that can replace this call's sparse stage (a ``cost.DENSE_TIMES`` key), or ``None``:
+    FlashAttention-4's dense forward where ``be`` is ``"fa4"`` and it supports the call, else SDPA (cuDNN / flash)
+    where ``Lq == Lk`` (SDPA's ``is_causal`` is top-left aligned)."""
     if be == "fa4":
         from .kernels.attention.fa4 import fa4_unsupported
 
@@ -849,7 +825,7 @@ def _dense_path(be: str, q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
 
 
 def _run_dense(path: str, q, k, v, scale: float) -> torch.Tensor:
-    """Dense causal attention by ``path`` (``_dense_path``)."""
+    """Exact causal attention by ``path`` (``_dense_path``)."""
     if path == "fa4":
         from .kernels.attention.fa4 import dense_attention
 
@@ -857,37 +833,26 @@ def _run_dense(path: str, q, k, v, scale: float) -> torch.Tensor:
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-def _early_guard(split: int, dense: str, backend: str, be: str, attend_be: str, config: PSAConfig, qe, q, k, v, cap,
-                 kv_flags, q_flags, scale: float, out, block_importance, assign_levels):
-    """The early dense guard of a threshold-mode call (``cost.early_dense_reason``): estimate and assign the query
-    blocks after ``split`` first and read their level mix (one host read); ``(output, reason)`` when dense attention
-    ``dense`` (``_dense_path``) is predicted faster than the rest of the planning plus the sparse stage, else the
-    full call's scores (the rows before ``split`` estimated over their own keys, then both sides concatenated:
-    equal to one estimate of all rows)."""
-    from .cost import early_dense_reason, predict_estimate_ms
+def _quota_dense_reason(backend: str, be: str, config: PSAConfig, q, k) -> Optional[Tuple[str, str]]:
+    """``(reason, dense path)`` when a quota-mode call's own mix plus its planning is predicted no faster than dense
+    attention (``cost.planning_dense_reason``), else ``None``. Needs no host read: the mix is the config's. On CUDA
+    float16 / bfloat16 calls with a time model (``be`` ``"fa4"`` / ``"triton"``) only, as the dense guard."""
+    from .cost import config_histogram, planning_dense_reason, predict_estimate_ms
 
+    mix = config_histogram(config)
+    if mix is None or be not in ("fa4", "triton") or q.device.type != "cuda" or q.dtype == torch.float32:
+        return None
+    dense = _dense_path(be, q, k)
+    if dense is None:
+        return None
+    fa4_ok = be == "fa4" and _fa4_attend_reason(q, config, tuple(config.pool_factors), None) is None
+    engines = ("fa4", "triton") if (backend == "auto" and fa4_ok) else ("fa4",) if fa4_ok else ("triton",)
     B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
-    bq, bk, s = config.block_q, config.block_k, config.stride
-    est = functools.partial(block_importance, block_q=bq, block_k=bk, stride=s, scale=scale)
-    tail = est(qe[:, :, split:], k)
-    blk = split // bq
-    tail_scores = torch.nan_to_num(tail, nan=0.0, posinf=0.0, neginf=0.0)
-    tail_q_flags = q_flags[:, blk:] | ~torch.isfinite(tail).all(-1).all(1)
-    factors, _, _ = assign_levels(tail_scores, cap, kv_flags, tail_q_flags, lq=Lq - split, lk=Lk, config=config)
-    hist = LevelMap(factors, bq, bk, Lq - split, Lk).histogram_tensor().tolist()
-    engines = ("fa4", "triton") if (backend == "auto" and be == "fa4") else (attend_be,)
-    remaining = predict_estimate_ms(s, B, qe.shape[1], D, split, Lk - Lq + split)
-    reason = early_dense_reason(engines, hist, remaining, dense, B, Hq, D, Lq, Lk, -(-Lq // bq) - blk)
-    if reason is not None:
-        logger.debug("PSA dense guard: %s", reason)
-        o = _run_dense(dense, q, k, v, scale)
-        if out is not None:
-            out.copy_(o)
-            o = out
-        return o, reason
-    head = est(qe[:, :, :split], k[:, :, : Lk - Lq + split])
-    return torch.cat([torch.nn.functional.pad(head, (0, tail.shape[-1] - head.shape[-1])), tail], dim=2)
+    Hkv = k.shape[1]
+    heads = Hkv if config.estimate_heads == "kv" else Hq
+    planning = predict_estimate_ms(config.stride, B, heads, D, Lq, k.shape[2])
+    reason = planning_dense_reason(engines, mix, planning, dense, B, Hq, D, Lq, k.shape[2])
+    return None if reason is None else (reason, dense)
 
 
 def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, config: PSAConfig,

@@ -33,7 +33,7 @@ __all__ = [
     "AUTO_FA4_MIN_TOKENS", "THRESHOLD_MODE_MIN_TOKENS", "attend_cost_ratio", "quota_cost_ratio",
     "dense_guard_reason", "short_prompt_reason", "EngineTime", "ENGINE_TIMES", "DENSE_TIMES", "DENSE_NAMES",
     "predict_attend_ms", "predict_dense_ms", "faster_attend_backend", "config_histogram",
-    "ESTIMATE_PER_DENSE_WORK", "EARLY_GUARD_MIN_ESTIMATE_MS", "predict_estimate_ms", "early_dense_reason",
+    "ESTIMATE_PER_DENSE_WORK", "predict_estimate_ms", "planning_dense_reason",
 ]
 
 #: ``backend="auto"`` runs the attend stage on FlashAttention-4 only from this many tokens
@@ -286,10 +286,6 @@ def quota_cost_ratio(backend: str, config, batch: int, heads: int, head_dim: int
 #: 0.074 at 64k / 128k (28 heads), stride 16 0.045 / 0.043, stride 32 0.025 / 0.022.
 ESTIMATE_PER_DENSE_WORK = 0.075
 
-#: The early dense guard (``early_dense_reason``) runs only where the estimator is predicted to take at least this
-#: long (ms; from ~32k tokens at Qwen2.5-VL-7B shapes): below it the extra host read costs more than it can save.
-EARLY_GUARD_MIN_ESTIMATE_MS = 1.0
-
 
 def predict_estimate_ms(stride: int, batch: int, heads: int, head_dim: int, lq: int, lk: int) -> float:
     """Predicted time (ms, H200) of the importance estimator on ``heads`` query heads (``Hkv`` for
@@ -308,41 +304,41 @@ def predict_estimate_ms(stride: int, batch: int, heads: int, head_dim: int, lq: 
     return ESTIMATE_PER_DENSE_WORK * (8.0 / stride) ** 0.8 * _dense_work_ms(batch, heads, head_dim, lq, lk)
 
 
-def early_dense_reason(engines: Sequence[str], sample_histogram: Sequence[float], remaining_ms: float, dense: str,
-                       batch: int, heads: int, head_dim: int, lq: int, lk: int, sample_blocks: int) -> Optional[str]:
-    """Why a threshold-mode call should run dense attention before the rest of its planning, or ``None``.
+def planning_dense_reason(engines: Sequence[str], histogram: Sequence[float], planning_ms: float, dense: str,
+                          batch: int, heads: int, head_dim: int, lq: int, lk: int) -> Optional[str]:
+    """Why a quota-mode call should run dense attention before any planning, or ``None``.
 
-    ``run_psa`` plans the last query blocks of such a call first (``sample_blocks`` of them, the rows with the most
-    keys) and reads their level mix; if the attend stage at that mix on the fastest of ``engines``, plus the
-    planning still to do (``remaining_ms``: the estimator on the other rows), is predicted no faster than dense
-    attention ``dense``, it runs dense attention and skips the rest. A wrong prediction costs speed only: a sample
-    that looks sparse leads to the full plan and the usual guard (``dense_guard_reason``) on its whole mix.
+    A quota config fixes its level mix (``config_histogram``), so before planning ``run_psa`` can compare the
+    planning still ahead (``planning_ms``, chiefly the estimator: ``predict_estimate_ms``) plus the attend stage at
+    that mix on the fastest of ``engines`` with dense attention ``dense``; when the sparse path is predicted no
+    faster, it runs dense attention and plans nothing. Forced blocks (sink, diagonal, text) make a real plan's mix
+    denser than the quotas, so this errs towards the sparse path, after which the usual guard
+    (``dense_guard_reason``) still compares the plan's own mix.
 
     Args:
         engines: Attend-stage engines that could run the call (``ENGINE_TIMES`` keys).
-        sample_histogram: The sampled blocks' level mix (as ``predict_attend_ms``), taken as the whole call's.
-        remaining_ms: Planning time still ahead if the sparse path continues (ms).
+        histogram: The config's mix (as ``predict_attend_ms``).
+        planning_ms: Predicted planning time (ms).
         dense: The dense path that would run (``DENSE_TIMES``).
-        batch, heads, head_dim, lq, lk: The whole call's shapes, ``0 <= lq <= lk``.
-        sample_blocks: How many query blocks the sample planned (for the message).
+        batch, heads, head_dim, lq, lk: The call's shapes, ``0 <= lq <= lk``.
 
     Raises:
         ValueError: a malformed histogram, ``lq`` outside ``[0, lk]`` or no engine. KeyError: an unknown engine or
             dense path.
     """
     if not engines:
-        raise ValueError("early_dense_reason needs at least one engine")
+        raise ValueError("planning_dense_reason needs at least one engine")
     dense_ms = predict_dense_ms(dense, batch, heads, head_dim, lq, lk)
-    attend_ms = min(predict_attend_ms(e, sample_histogram, batch, heads, head_dim, lq, lk) for e in engines)
-    if dense_ms <= 0 or attend_ms + remaining_ms < dense_ms:
+    attend_ms = min(predict_attend_ms(e, histogram, batch, heads, head_dim, lq, lk) for e in engines)
+    if dense_ms <= 0 or attend_ms + planning_ms < dense_ms:
         return None
-    h = _counts(sample_histogram)
+    h = _counts(histogram)
     density = sum(x / p for x, p in zip(h[:4], (1, 2, 4, 8))) / max(sum(h), 1.0)
     name = DENSE_NAMES[dense]
     return (
-        f"density {density:.3f} on the last {sample_blocks} query blocks: the sparse stage ({attend_ms:.2f} ms) and "
-        f"the rest of the planning ({remaining_ms:.2f} ms) are predicted no faster than {name} ({dense_ms:.2f} ms) "
-        f"at {lq} x {lk} tokens, so dense attention ({name}) ran before the rest of the planning"
+        f"quota density {density:.3f}: the planning ({planning_ms:.2f} ms) and the sparse stage ({attend_ms:.2f} ms) "
+        f"are predicted no faster than {name} ({dense_ms:.2f} ms) at {lq} x {lk} tokens, so dense attention "
+        f"({name}) ran before any planning"
     )
 
 
