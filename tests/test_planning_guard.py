@@ -105,3 +105,23 @@ def test_estimate_model_scales_with_stride_and_heads():
     assert cost.predict_estimate_ms(8, 1, 4, 128, 65536, 65536) == pytest.approx(s8 * 4 / 28)
     with pytest.raises(ValueError, match="stride"):
         cost.predict_estimate_ms(0, *SHAPES)
+
+
+@pytest.mark.gpu
+def test_dense_quota_config_runs_dense_before_planning_gpu(spy):
+    """64k tokens, bf16, Qwen2.5-VL-7B heads: a quota config keeping 90% of the blocks at full resolution runs dense
+    attention without estimating (its quotas plus the estimator are predicted slower than dense); quota-0.2 plans as
+    before. (Written in session 13 after the device budget was spent: not yet run on a GPU.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from psa_vlm.bench.synthetic import video_like_qkv
+
+    q, k, v = video_like_qkv(1, 28, 4, 65536, 128, dtype=torch.bfloat16, device="cuda", seed=0)
+    estimates = spy(est_kernel, "block_importance")
+    dense_cfg = PSAConfig.preset("binary-0.2").replace(quotas=(0.9, 0.0, 0.0, 0.0))
+    o, plan = run_psa(q, k, v, dense_cfg)
+    assert not estimates and plan.dense_reason is not None and "before any planning" in plan.dense_reason
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert float((o.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    o, plan = run_psa(q, k, v, PSAConfig.preset("quota-0.2"))
+    assert estimates and plan.dense_reason is None and float(plan.level_map.density()) < 0.3
