@@ -667,25 +667,14 @@ def run_psa(
     )
     guarded = config.dense_guard and level_map is None and not config.dense and key_padding_mask is None
     if guarded and not plan_only:
+        # a short threshold-mode prompt (FlashAttention-4 dense), or a quota mix that cannot beat dense attention
+        # once planned: dense attention before any planning; the plan is the all-full map dense attention computes
         reason = _short_prompt_reason(be, config, q, k)
-        if reason is not None:
-            # dense attention before any planning; the plan is the all-full map dense attention computes
-            from .kernels.attention.fa4 import dense_attention
-
-            logger.debug("PSA dense guard: %s", reason)
-            o = dense_attention(q, k, v, scale=scale, out=out)
-            plan = _full_plan(q, k, kv_flags, q_flags, config, assign_levels)
-            plan.dense_reason = reason
-            return o, plan
-        early = _quota_dense_reason(backend, be, config, q, k)
+        early = (reason, "fa4") if reason is not None else _quota_dense_reason(backend, be, config, q, k)
         if early is not None:
-            # a quota mix that cannot beat dense attention once planned: dense attention, nothing planned
             reason, dense = early
             logger.debug("PSA dense guard: %s", reason)
-            o = _run_dense(dense, q, k, v, scale)
-            if out is not None:
-                out.copy_(o)
-                o = out
+            o = _run_dense(dense, q, k, v, scale, out)
             plan = _full_plan(q, k, kv_flags, q_flags, config, assign_levels)
             plan.dense_reason = reason
             return o, plan
@@ -755,12 +744,9 @@ def run_psa(
             return dense_attention(q, k, v, scale=scale, out=out), plan
     if guarded:
         dense = _guarded_dense(plan.attend_backend, plan.level_map, q, k, v, scale, config, fa4_dense=be == "fa4",
-                               histogram=hist)
+                               histogram=hist, out=out)
         if dense is not None:
             plan.dense_reason, o = dense
-            if out is not None:
-                out.copy_(o)
-                o = out
             return o, plan
     o = sparse_attention(
         q,
@@ -824,13 +810,22 @@ def _dense_path(be: str, q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
     return "cudnn" if q.shape[2] == k.shape[2] else None
 
 
-def _run_dense(path: str, q, k, v, scale: float) -> torch.Tensor:
-    """Exact causal attention by ``path`` (``_dense_path``)."""
+def _run_dense(path: str, q, k, v, scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact causal attention by ``path`` (``_dense_path``), written into ``out`` when given."""
     if path == "fa4":
         from .kernels.attention.fa4 import dense_attention
 
-        return dense_attention(q, k, v, scale=scale)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return dense_attention(q, k, v, scale=scale, out=out)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if out is None:
+        return o
+    out.copy_(o)
+    return out
+
+
+def _has_time_model(be: str, q: torch.Tensor) -> bool:
+    """Whether ``psa_vlm.cost`` models this call: the ``fa4`` / ``triton`` engines on CUDA float16 / bfloat16."""
+    return be in ("fa4", "triton") and q.device.type == "cuda" and q.dtype != torch.float32
 
 
 def _quota_dense_reason(backend: str, be: str, config: PSAConfig, q, k) -> Optional[Tuple[str, str]]:
@@ -840,7 +835,7 @@ def _quota_dense_reason(backend: str, be: str, config: PSAConfig, q, k) -> Optio
     from .cost import config_histogram, planning_dense_reason, predict_estimate_ms
 
     mix = config_histogram(config)
-    if mix is None or be not in ("fa4", "triton") or q.device.type != "cuda" or q.dtype == torch.float32:
+    if mix is None or not _has_time_model(be, q):
         return None
     dense = _dense_path(be, q, k)
     if dense is None:
@@ -856,8 +851,9 @@ def _quota_dense_reason(backend: str, be: str, config: PSAConfig, q, k) -> Optio
 
 
 def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, config: PSAConfig,
-                   fa4_dense: bool = False, histogram: Optional[list] = None):
-    """``(reason, dense output)`` when the cost model says dense attention is faster than the plan, else ``None``.
+                   fa4_dense: bool = False, histogram: Optional[list] = None, out: Optional[torch.Tensor] = None):
+    """``(reason, dense output)`` when the cost model says dense attention is faster than the plan, else ``None``
+    (the output written into ``out`` when given).
 
     ``backend`` is the engine that runs the attend stage (``PSAPlan.attend_backend``: already ``"triton"`` where
     the fa4 backend falls back to the Triton kernel); ``fa4_dense`` says FlashAttention-4 is installed and usable
@@ -870,7 +866,7 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
     """
     from .cost import dense_guard_reason, quota_cost_ratio
 
-    if backend not in ("fa4", "triton") or q.device.type != "cuda" or q.dtype == torch.float32:
+    if not _has_time_model(backend, q):
         return None
     dense = _dense_path("fa4" if fa4_dense else "triton", q, k)
     if dense is None:
@@ -887,7 +883,7 @@ def _guarded_dense(backend: str, level_map: "LevelMap", q, k, v, scale: float, c
     if reason is None:
         return None
     logger.debug("PSA dense guard: %s", reason)
-    return reason, _run_dense(dense, q, k, v, scale)
+    return reason, _run_dense(dense, q, k, v, scale, out)
 
 
 def _short_prompt_reason(be: str, config: PSAConfig, q: torch.Tensor, k: torch.Tensor) -> Optional[str]:

@@ -68,6 +68,12 @@ def _counts(histogram: Sequence[float]) -> list:
     return h
 
 
+def _density(histogram: Sequence[float]) -> float:
+    """FLOP density of a level histogram (``sum_p f_p / p``), for messages."""
+    h = _counts(histogram)
+    return sum(x / p for x, p in zip(h[:4], (1, 2, 4, 8))) / max(sum(h), 1.0)
+
+
 def short_prompt_reason(backend: str, mode: str, seq_len: int) -> Optional[str]:
     """Why a call runs dense attention before any planning, or ``None`` (``THRESHOLD_MODE_MIN_TOKENS``).
 
@@ -255,8 +261,7 @@ def dense_guard_reason(backend: str, histogram: Sequence[float], batch: int, hea
     ratio = attend_cost_ratio(backend, histogram, batch, heads, head_dim, lq, lk, dense)
     if ratio is None or ratio < 1.0:
         return None
-    h = _counts(histogram)
-    density = sum(x / p for x, p in zip(h[:4], (1, 2, 4, 8))) / max(sum(h), 1.0)
+    density = _density(histogram)
     name = DENSE_NAMES[dense or _default_dense(backend)]
     return (
         f"density {density:.3f}: the {backend} sparse stage is predicted at {ratio:.2f}x the time of {name} "
@@ -332,8 +337,7 @@ def planning_dense_reason(engines: Sequence[str], histogram: Sequence[float], pl
     attend_ms = min(predict_attend_ms(e, histogram, batch, heads, head_dim, lq, lk) for e in engines)
     if dense_ms <= 0 or attend_ms + planning_ms < dense_ms:
         return None
-    h = _counts(histogram)
-    density = sum(x / p for x, p in zip(h[:4], (1, 2, 4, 8))) / max(sum(h), 1.0)
+    density = _density(histogram)
     name = DENSE_NAMES[dense]
     return (
         f"quota density {density:.3f}: the planning ({planning_ms:.2f} ms) and the sparse stage ({attend_ms:.2f} ms) "
